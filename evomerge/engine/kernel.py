@@ -1,0 +1,71 @@
+"""What both engines share: running one tensor job, and reproducible random draws.
+
+DARE and DELLA masks come from uniform draws that depend only on
+``(seed, tensor name, model index)``, drawn on the CPU with a dedicated
+generator. That makes a mask independent of the device, of the order tensors
+are processed in, and of the engine: the prepared engine (common random numbers
+drawn once) and a one-shot ``evomerge-merge`` of the same recipe and seed give
+the same tensors.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from evomerge.engine.plan import MergePlan, TensorJob
+from evomerge.engine.recipe import Recipe
+from evomerge.errors import MergeError
+from evomerge.methods import MergeInputs, SparsifyAux
+
+
+def stable_seed(seed: int, tensor_name: str, model_index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{tensor_name}/{model_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def uniforms(seed: int, tensor_name: str, model_index: int, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """U[0, 1) draws for one model's task vector of one tensor (CPU, float32)."""
+    gen = torch.Generator(device="cpu").manual_seed(stable_seed(seed, tensor_name, model_index))
+    return torch.rand(tuple(shape), generator=gen, dtype=torch.float32)
+
+
+def run_job(
+    plan: MergePlan,
+    job: TensorJob,
+    recipe: Recipe,
+    *,
+    base: torch.Tensor | None,
+    models: list[torch.Tensor] | None = None,
+    deltas: list[torch.Tensor] | None = None,
+    aux: list[SparsifyAux] | None = None,
+) -> torch.Tensor:
+    """Resolve the job's parameters under ``recipe`` and run the method on float32 inputs."""
+    model_params, params = plan.resolve(job, recipe)
+    inputs = MergeInputs(
+        base=base, models=models, deltas=deltas, model_params=model_params, params=params,
+        tensor_name=job.out_name, aux=aux,
+    )
+    out = plan.method.merge(inputs)
+    if not torch.isfinite(out.sum()):
+        raise MergeError(
+            f"{recipe.source_file}: merging tensor {job.out_name!r} produced NaN or infinite values; "
+            f"check the weights (a weight sum near zero with normalize: true divides by ~0)."
+        )
+    return out
+
+
+def random_aux(plan: MergePlan, job: TensorJob, seed: int, shape: torch.Size, device: torch.device) -> list[SparsifyAux] | None:
+    """Uniform draws for each merged model of a job, or None when the method draws nothing."""
+    if not plan.method.uses_uniforms:
+        return None
+    return [SparsifyAux(uniforms=uniforms(seed, job.out_name, i, shape).to(device)) for i in range(len(job.models))]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu or auto.")
+    return dev

@@ -1,0 +1,74 @@
+"""The one-shot merge behind ``evomerge-merge``: recipe in, model directory out.
+
+Tensors are read, merged and written one at a time, so peak memory is one
+tensor from each model plus one output shard, whatever the model size.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from evomerge.checkpoints.writer import dtype_name, parse_dtype, parse_size, write_model_dir
+from evomerge.engine.kernel import random_aux, resolve_device, run_job
+from evomerge.engine.plan import MergePlan
+from evomerge.engine.recipe import Recipe
+from evomerge.export.card import model_card
+
+
+def output_dtype(plan: MergePlan, override: str | None) -> torch.dtype:
+    """--out-dtype, else the recipe's out_dtype / dtype, else the reference model's stored dtype."""
+    r = plan.recipe
+    chosen = parse_dtype(override, "--out-dtype") or parse_dtype(r.out_dtype, "out_dtype") or parse_dtype(r.dtype, "dtype")
+    if chosen is not None:
+        return chosen
+    cfg = plan.reference.config
+    return parse_dtype(cfg.get("dtype") or cfg.get("torch_dtype") or "float32", "config dtype") or torch.float32
+
+
+def merged_tensors(plan: MergePlan, device: torch.device, dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    recipe = plan.recipe
+
+    def load(ref_name: tuple[str, str]) -> torch.Tensor:
+        ref, name = ref_name
+        return plan.checkpoints[ref].get(name).to(device=device, dtype=torch.float32)
+
+    for job in tqdm(plan.jobs, desc="merging", unit="tensor", disable=not progress):
+        base = None if job.base is None else load(job.base)
+        models = [load(m) for m in job.models]
+        aux = random_aux(plan, job, recipe.seed, models[0].shape, device)
+        out = run_job(plan, job, recipe, base=base, models=models, aux=aux)
+        yield job.out_name, out.to(dtype).cpu()
+
+
+def merge_to_dir(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    out_dtype: str | None = None,
+    shard_size: str | int = "2GB",
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> Path:
+    plan = MergePlan(recipe, trust_remote_code=trust_remote_code)
+    plan.check()
+    dev = resolve_device(device)
+    dtype = output_dtype(plan, out_dtype)
+    config = dict(plan.out_config)
+    config["dtype"] = dtype_name(dtype)
+    config.pop("torch_dtype", None)
+    tok_ref = recipe.tokenizer_source if recipe.tokenizer_source not in (None, "base", "union") else None
+    tok_ckpt = plan.checkpoints.get(tok_ref) if tok_ref else plan.reference
+    tok_dir = tok_ckpt.tokenizer_dir if tok_ckpt is not None else Path(tok_ref)  # type: ignore[arg-type]
+    return write_model_dir(
+        out_dir,
+        merged_tensors(plan, dev, dtype, progress),
+        config=config,
+        tokenizer_source=tok_dir,
+        recipe_yaml=recipe.to_yaml(),
+        model_card=model_card(recipe),
+        max_shard_bytes=parse_size(shard_size),
+    )

@@ -1,0 +1,230 @@
+"""From a recipe to a list of tensor jobs, validated before any tensor is read.
+
+A :class:`MergePlan` opens every checkpoint, checks they can be merged, and lists
+one :class:`TensorJob` per output tensor: which source tensors feed it, and the
+position ``t`` that gradient parameters interpolate at. Both engines (one-shot
+and prepared) execute the same plan and resolve parameters with the same
+:meth:`MergePlan.resolve`, which is what makes their results identical.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from evomerge.checkpoints.reader import Checkpoint, open_checkpoint
+from evomerge.checkpoints.validate import check_compatible, check_tensor
+from evomerge.engine.recipe import Recipe, Slice, Source, evaluate_setting
+from evomerge.errors import CheckpointError, MergeError, RecipeError
+from evomerge.methods import MergeMethod, get_method
+
+LAYER_RE = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<suffix>.+)$")
+_PRE_MARKERS = ("embed", "wte", "wpe")
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: its sources and where it sits for gradient interpolation."""
+
+    out_name: str
+    t: float
+    slice_index: int
+    base: tuple[str, str] | None  # (model ref, source tensor name)
+    models: tuple[tuple[str, str], ...]  # the merged (non-base) inputs, recipe order
+
+
+def layer_index(name: str) -> int | None:
+    m = LAYER_RE.match(name)
+    return int(m.group("idx")) if m else None
+
+
+def num_layers(ckpt: Checkpoint) -> int:
+    idx = [i for i in map(layer_index, ckpt.tensor_names()) if i is not None]
+    if idx:
+        return max(idx) + 1
+    return int(ckpt.config.get("num_hidden_layers", 0))
+
+
+class MergePlan:
+    """A validated recipe: checkpoints opened, jobs listed, output config derived."""
+
+    def __init__(self, recipe: Recipe, *, trust_remote_code: bool = False) -> None:
+        self.recipe = recipe
+        self.trust_remote_code = trust_remote_code
+        self.method: MergeMethod = get_method(recipe.merge_method)
+        where = recipe.source_file
+        if self.method.needs_base and recipe.base_model is None:
+            raise RecipeError(
+                f"{where}: merge_method {self.method.name!r} needs a base_model (the model the others were "
+                f"fine-tuned from); add 'base_model: PATH'."
+            )
+        self.checkpoints = self._open(recipe)
+        self.slices = self._normalized_slices(recipe)
+        self.jobs = self._jobs()
+        self.reference = self.checkpoints[self._reference_ref()]
+        self.out_config = self._out_config()
+
+    # ---- opening and validation -------------------------------------------------
+    def _open(self, recipe: Recipe) -> dict[str, Checkpoint]:
+        ckpts: dict[str, Checkpoint] = {}
+        base = None
+        if recipe.base_model is not None:
+            base = ckpts[recipe.base_model] = open_checkpoint(recipe.base_model)
+        for ref in recipe.all_model_refs():
+            if ref not in ckpts:
+                ckpts[ref] = open_checkpoint(ref, base=base)
+        reference = ckpts[recipe.all_model_refs()[0]]
+        check_compatible(reference, list(ckpts.values()), same_depth=recipe.slices is None)
+        return ckpts
+
+    def _reference_ref(self) -> str:
+        return self.recipe.base_model or self.slices[0].sources[0].model
+
+    def _normalized_slices(self, recipe: Recipe) -> list[Slice]:
+        if recipe.slices:
+            for i, sl in enumerate(recipe.slices):
+                for src in sl.sources:
+                    n = num_layers(self.checkpoints[src.model])
+                    if src.layer_range[1] > n:  # type: ignore[index]
+                        raise RecipeError(
+                            f"{recipe.source_file}: slices[{i}] asks layers {list(src.layer_range)} of "
+                            f"{src.model}, which has {n} layers; fix layer_range."
+                        )
+            return recipe.slices
+        ref = recipe.base_model or recipe.models[0].model
+        n = num_layers(self.checkpoints[ref])
+        sources = [Source(m.model, m.parameters, (0, n)) for m in recipe.models]
+        if recipe.base_model is not None and all(s.model != recipe.base_model for s in sources):
+            sources.insert(0, Source(recipe.base_model, {}, (0, n)))
+        return [Slice(sources, {})]
+
+    def _merged_sources(self, sl: Slice) -> tuple[Source | None, list[Source]]:
+        base_ref = self.recipe.base_model
+        base = next((s for s in sl.sources if s.model == base_ref), None)
+        if self.method.needs_base:
+            if base is None:
+                raise RecipeError(f"{self.recipe.source_file}: a slice has no source from base_model {base_ref}.")
+            others = [s for s in sl.sources if s.model != base_ref]
+        else:
+            listed = {m.model for m in self.recipe.models} if not self.recipe.slices else None
+            others = [s for s in sl.sources if listed is None or s.model in listed]
+        m = self.method
+        if len(others) < m.min_models or (m.max_models is not None and len(others) > m.max_models):
+            want = f"{m.min_models}" if m.max_models == m.min_models else f"at least {m.min_models}"
+            if m.max_models is not None and m.max_models != m.min_models:
+                want = f"{m.min_models} to {m.max_models}"
+            raise RecipeError(
+                f"{self.recipe.source_file}: merge_method {m.name!r} takes {want} model(s) besides the base, "
+                f"got {len(others)}."
+            )
+        return base, others
+
+    def _jobs(self) -> list[TensorJob]:
+        jobs: list[TensorJob] = []
+        first, last = self.slices[0], self.slices[-1]
+        ref_ckpt = self.checkpoints[first.sources[0].model]
+        non_layer = [n for n in ref_ckpt.tensor_names() if layer_index(n) is None]
+        pre = [n for n in non_layer if any(k in n for k in _PRE_MARKERS)]
+        post = [n for n in non_layer if n not in pre]
+        for name in pre:
+            jobs.append(self._job(name, 0.0, 0, first, lambda src, n=name: n))
+        out_layer = 0
+        for si, sl in enumerate(self.slices):
+            start = sl.sources[0].layer_range[0]  # type: ignore[index]
+            length = sl.sources[0].layer_range[1] - start  # type: ignore[index]
+            lead_ckpt = self.checkpoints[sl.sources[0].model]
+            for idx in range(length):
+                t = idx / (length - 1) if length > 1 else 1.0
+                for name in lead_ckpt.tensor_names():
+                    m = LAYER_RE.match(name)
+                    if not m or int(m.group("idx")) != start + idx:
+                        continue
+                    prefix, suffix = m.group("prefix"), m.group("suffix")
+                    out_name = f"{prefix}.{out_layer + idx}.{suffix}"
+                    jobs.append(self._job(
+                        out_name, t, si, sl,
+                        lambda src, i=idx, p=prefix, s=suffix: f"{p}.{src.layer_range[0] + i}.{s}",
+                    ))
+            out_layer += length
+        self.n_out_layers = out_layer
+        last_index = len(self.slices) - 1
+        for name in post:
+            jobs.append(self._job(name, 1.0, last_index, last, lambda src, n=name: n))
+        return jobs
+
+    def _job(self, out_name: str, t: float, si: int, sl: Slice, src_name: Any) -> TensorJob:
+        base, others = self._merged_sources(sl)
+        ref_src = base or others[0]
+        ref_ckpt, ref_name = self.checkpoints[ref_src.model], src_name(ref_src)
+        for s in ([base] if base else []) + others:
+            check_tensor(out_name, ref_ckpt, ref_name, self.checkpoints[s.model], src_name(s))
+        return TensorJob(
+            out_name=out_name,
+            t=t,
+            slice_index=si,
+            base=None if base is None else (base.model, src_name(base)),
+            models=tuple((s.model, src_name(s)) for s in others),
+        )
+
+    def _out_config(self) -> dict[str, Any]:
+        cfg = copy.deepcopy(self.reference.config)
+        if "num_hidden_layers" in cfg:
+            cfg["num_hidden_layers"] = self.n_out_layers
+        if cfg.get("auto_map") and not self.trust_remote_code:
+            raise CheckpointError(
+                f"{self.reference.path / 'config.json'} needs custom code (auto_map); evomerge never runs code "
+                f"from a model directory unless you pass --trust-remote-code."
+            )
+        return cfg
+
+    # ---- parameters ----------------------------------------------------------------
+    def _lookup(self, name: str, job: TensorJob, model_ref: str | None, recipe: Recipe) -> Any:
+        """mergekit's precedence: slice source > slice > models entry > global parameters."""
+        levels: list[dict[str, Any]] = []
+        slices = recipe.slices
+        if slices:
+            sl = slices[job.slice_index]
+            if model_ref is not None:
+                levels += [s.parameters for s in sl.sources if s.model == model_ref]
+            levels.append(sl.parameters)
+        elif model_ref is not None:
+            levels += [m.parameters for m in recipe.models if m.model == model_ref]
+        levels.append(recipe.parameters)
+        for params in levels:
+            if name in params:
+                value = evaluate_setting(params[name], job.out_name, job.t)
+                if value is not None:
+                    return value
+        return None
+
+    def check(self, recipe: Recipe | None = None) -> None:
+        """Resolve every job's parameters now, so a bad value fails before any tensor is read."""
+        for job in self.jobs:
+            self.resolve(job, recipe)
+
+    def resolve(self, job: TensorJob, recipe: Recipe | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Per-model and global parameter values for one job, defaulted and range-checked."""
+        recipe = recipe or self.recipe
+        where = f"{recipe.source_file}: tensor {job.out_name}"
+        model_params = []
+        for ref, _ in job.models:
+            values = {}
+            for p in self.method.model_params:
+                v = self._lookup(p.name, job, ref, recipe)
+                if v is None:
+                    if p.required:
+                        raise MergeError(
+                            f"{where}: model {ref} has no {p.name!r}; set it under that model's parameters "
+                            f"or in the global parameters."
+                        )
+                    v = p.default
+                values[p.name] = p.check(v, f"{where}, model {ref}")
+            model_params.append(values)
+        params = {}
+        for p in self.method.global_params:
+            v = self._lookup(p.name, job, None, recipe)
+            if v is None and p.required:
+                raise MergeError(f"{where}: merge_method {self.method.name!r} needs parameter {p.name!r}; add it under parameters.")
+            params[p.name] = p.default if v is None else p.check(v, where)
+        return model_params, params

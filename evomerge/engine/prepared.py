@@ -1,0 +1,236 @@
+"""Prepare once, merge many: the engine behind the search.
+
+A search builds hundreds of candidates from the same inputs. :class:`PreparedMerge`
+pays every candidate-independent cost once: it reads the base and the task
+vectors (model - base) into memory, precomputes what the method's sparsifier can
+reuse (sorted magnitudes, so a TIES threshold for any density is a lookup; the
+uniform draws behind DARE/DELLA masks) and builds one live ``transformers``
+model. :meth:`PreparedMerge.apply` then writes a candidate recipe's merged
+tensors straight into that model's parameters: no new model, no disk.
+
+Memory modes (``memory=``):
+
+* ``device`` — inputs and precomputations resident on the merge device;
+* ``host`` — resident in (pinned) host memory, streamed to the GPU per tensor;
+* ``disk`` — nothing resident: tensors re-read from the checkpoints per candidate
+  and precomputations redone (slow, but fits anything).
+
+``auto`` picks the first that fits the memory available. Every mode runs the same
+:func:`run_job`, so a recipe gives the same tensors in all of them and in
+``evomerge-merge``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from evomerge.engine.kernel import random_aux, resolve_device, run_job
+from evomerge.engine.plan import MergePlan, TensorJob
+from evomerge.engine.recipe import Recipe
+from evomerge.errors import MergeError
+from evomerge.methods import SparsifyAux
+
+MEMORY_MODES = ("auto", "device", "host", "disk")
+
+
+@dataclass
+class _Resident:
+    """One job's inputs: base + deltas (methods with a base) or the models themselves."""
+
+    base: torch.Tensor | None
+    inputs: list[torch.Tensor]
+    sorted_abs: list[torch.Tensor] | None = None
+    uniforms: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # seed -> per-model draws
+
+
+@dataclass
+class ApplyTiming:
+    seconds: float
+    tensors: int
+
+
+def build_live_model(config: dict, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
+    """An empty model skeleton (no weight allocated twice) whose parameters the engine fills."""
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")})
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    model.eval()
+    return model
+
+
+class PreparedMerge:
+    """Inputs resident, live model built; :meth:`apply` merges a candidate in place."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        device: str = "auto",
+        memory: str = "auto",
+        model_dtype: torch.dtype = torch.float32,
+        progress: bool = True,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if memory not in MEMORY_MODES:
+            raise MergeError(f"memory mode {memory!r} is unknown; use one of {', '.join(MEMORY_MODES)}.")
+        self.plan = MergePlan(recipe, trust_remote_code=trust_remote_code)
+        self.recipe = recipe
+        self.device = resolve_device(device)
+        self.model_dtype = model_dtype
+        self.memory = self._choose_memory(memory)
+        self._store_device = self.device if self.memory == "device" else torch.device("cpu")
+        self._needs_base = self.plan.method.needs_base
+        self._resident: dict[str, _Resident] = {}
+        if self.memory != "disk":
+            for job in tqdm(self.plan.jobs, desc="preparing", unit="tensor", disable=not progress):
+                self._resident[job.out_name] = self._prepare(job)
+        self.model = self._build_model(trust_remote_code)
+        self._params = {job.out_name: self.model.get_parameter(job.out_name) for job in self.plan.jobs
+                        if job.out_name in self._param_names}
+        self.apply(recipe)
+
+    # ---- preparation ---------------------------------------------------------------
+    def _bytes_needed(self) -> int:
+        m = self.plan.method
+        per_elem = 4 * (1 + len(self.plan.jobs[0].models) * (1 + int(m.uses_sorted_abs) + int(m.uses_uniforms)))
+        numel = 0
+        for job in self.plan.jobs:
+            ref, name = job.base or job.models[0]
+            shape = self.plan.checkpoints[ref].shape(name)
+            numel += int(torch.Size(shape).numel())
+        return numel * per_elem
+
+    def _choose_memory(self, memory: str) -> str:
+        if memory != "auto":
+            return memory
+        need = self._bytes_needed()
+        host_free = psutil.virtual_memory().available * 0.7
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if need < free * 0.7:
+                return "device"
+            return "host" if need < host_free else "disk"
+        return "device" if need < host_free else "disk"
+
+    def _load(self, ref_name: tuple[str, str], device: torch.device) -> torch.Tensor:
+        ref, name = ref_name
+        src = self.plan.checkpoints[ref].get(name)
+        t = src.to(device=device, dtype=torch.float32)
+        # A float32 tensor comes back as a copy-on-write view of the mapped file; the engine writes into
+        # its copy (task vectors are formed in place), and a private copy is much faster to write than COW pages.
+        return t.clone() if t.data_ptr() == src.data_ptr() else t
+
+    def _prepare(self, job: TensorJob) -> _Resident:
+        dev = self._store_device
+        base = None if job.base is None else self._load(job.base, dev)
+        inputs = [self._load(m, dev) for m in job.models]
+        if self._needs_base:
+            assert base is not None
+            inputs = [x.sub_(base) for x in inputs]  # task vectors, in place: no second copy
+        res = _Resident(base=base, inputs=inputs)
+        if self.plan.method.uses_sorted_abs:
+            res.sorted_abs = [d.abs().flatten().sort().values for d in inputs]
+        if self.plan.method.uses_uniforms:
+            aux = random_aux(self.plan, job, self.recipe.seed, inputs[0].shape, dev)
+            res.uniforms[self.recipe.seed] = [a.uniforms for a in aux]  # type: ignore[union-attr,misc]
+        if dev.type == "cpu" and self.device.type == "cuda":
+            pin = lambda t: t.pin_memory()  # noqa: E731
+            res.base = None if base is None else pin(res.base)
+            res.inputs = [pin(x) for x in res.inputs]
+        return res
+
+    def _build_model(self, trust_remote_code: bool) -> PreTrainedModel:
+        model = build_live_model(self.plan.out_config, self.device, self.model_dtype, trust_remote_code)
+        self._param_names = {n for n, _ in model.named_parameters()}
+        for job in self.plan.jobs:
+            if job.out_name not in self._param_names:
+                continue
+            ref = job.base or job.models[0]
+            value = self.plan.checkpoints[ref[0]].get(ref[1])
+            set_module_tensor_to_device(model, job.out_name, self.device, value=value, dtype=self.model_dtype)
+        model.tie_weights()
+        missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if missing:
+            raise MergeError(
+                f"the merged model has no value for parameter {missing[0]!r}: it is missing from "
+                f"{self.plan.reference.path}. The checkpoint does not match its config.json."
+            )
+        for buf_name, buf in model.named_buffers():
+            if buf.device != self.device:
+                set_module_tensor_to_device(model, buf_name, self.device, value=buf)
+        model.requires_grad_(False)
+        return model
+
+    # ---- merging -------------------------------------------------------------------
+    def _inputs(self, job: TensorJob, recipe: Recipe) -> tuple[torch.Tensor | None, list[torch.Tensor], list[SparsifyAux] | None]:
+        dev = self.device
+        if self.memory == "disk":
+            res = self._prepare_on_the_fly(job)
+        else:
+            res = self._resident[job.out_name]
+        base = None if res.base is None else res.base.to(dev, non_blocking=True)
+        inputs = [x.to(dev, non_blocking=True) for x in res.inputs]
+        m = self.plan.method
+        aux: list[SparsifyAux] | None = None
+        if m.uses_sorted_abs or m.uses_uniforms:
+            aux = [SparsifyAux() for _ in inputs]
+            if res.sorted_abs is not None:
+                for a, s in zip(aux, res.sorted_abs):
+                    a.sorted_abs = s.to(dev, non_blocking=True)
+            if m.uses_uniforms:
+                draws = self._uniforms(job, res, recipe)
+                for a, u in zip(aux, draws):
+                    a.uniforms = u.to(dev, non_blocking=True)
+        return base, inputs, aux
+
+    def _prepare_on_the_fly(self, job: TensorJob) -> _Resident:
+        dev = self.device
+        base = None if job.base is None else self._load(job.base, dev)
+        inputs = [self._load(m, dev) for m in job.models]
+        if self._needs_base:
+            inputs = [x.sub_(base) for x in inputs]
+        return _Resident(base=base, inputs=inputs)
+
+    def _uniforms(self, job: TensorJob, res: _Resident, recipe: Recipe) -> list[torch.Tensor]:
+        """Common random numbers are cached per seed; fresh draws (random_mode: fresh) are not kept."""
+        if recipe.seed in res.uniforms:
+            return res.uniforms[recipe.seed]
+        aux = random_aux(self.plan, job, recipe.seed, res.inputs[0].shape, self._store_device)
+        draws = [a.uniforms for a in aux]  # type: ignore[union-attr,misc]
+        if recipe.random_mode == "common" and self.memory != "disk":
+            res.uniforms = {recipe.seed: draws}  # keep one seed's draws, not every seed's
+        return draws  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def apply(self, recipe: Recipe) -> ApplyTiming:
+        """Merge ``recipe`` into the live model in place. Same structure as the prepared recipe required."""
+        if recipe.structure_key() != self.recipe.structure_key():
+            raise MergeError(
+                f"{recipe.source_file}: this recipe merges different models or another method than the prepared "
+                f"engine ({self.recipe.merge_method} over {self.recipe.all_model_refs()}); prepare a new engine."
+            )
+        start = time.perf_counter()
+        for job in self.plan.jobs:
+            param = self._params.get(job.out_name)
+            if param is None:
+                continue  # a tied tensor already written through its twin
+            base, inputs, aux = self._inputs(job, recipe)
+            if self._needs_base:
+                out = run_job(self.plan, job, recipe, base=base, deltas=inputs, aux=aux)
+            else:
+                out = run_job(self.plan, job, recipe, base=base, models=inputs, aux=aux)
+            param.copy_(out)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return ApplyTiming(seconds=time.perf_counter() - start, tensors=len(self._params))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The live merged tensors by output name (views, not copies)."""
+        return {name: p.detach() for name, p in self._params.items()}

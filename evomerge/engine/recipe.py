@@ -1,0 +1,248 @@
+"""Merge recipes in mergekit's YAML format.
+
+A user's existing mergekit config runs unchanged, and every recipe evomerge
+writes replays in mergekit. Two shapes exist, as in mergekit:
+
+* ``models:`` — every model contributes every layer (one implicit slice);
+* ``slices:`` — each output slice lists ``sources`` with a ``layer_range``.
+
+Parameter values follow mergekit's rules (:func:`evaluate_setting`): a scalar;
+a list of numbers interpolated across a slice's layers ("gradient": position
+``t = i / (n - 1)``, embeddings at ``t = 0``, final norm and head at ``t = 1``);
+or a list of ``{filter: substring, value: ...}`` conditions matched against the
+tensor name, the first match winning and a condition without filter matching all.
+
+evomerge-only settings (the random seed of DARE/DELLA masks and how they are
+drawn) live under a top-level ``evomerge:`` key that :meth:`Recipe.to_mergekit`
+leaves out.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.errors import RecipeError
+
+Setting = Any  # float | bool | str | list[float] | list[dict]
+
+
+@dataclass
+class Source:
+    """One model contributing to a slice (or, in ``models:`` form, to everything)."""
+
+    model: str
+    parameters: dict[str, Setting] = field(default_factory=dict)
+    layer_range: tuple[int, int] | None = None
+
+
+@dataclass
+class Slice:
+    sources: list[Source]
+    parameters: dict[str, Setting] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    merge_method: str
+    models: list[Source] = field(default_factory=list)
+    slices: list[Slice] | None = None
+    base_model: str | None = None
+    parameters: dict[str, Setting] = field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    seed: int = 0
+    random_mode: str = "common"  # "common" random numbers, or "fresh" draws per merge
+    source_file: str = "<recipe>"
+
+    # ---- reading -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any, source_file: str = "<recipe>") -> "Recipe":
+        where = source_file
+        if not isinstance(data, dict):
+            raise RecipeError(f"{where}: a recipe must be a YAML mapping with at least merge_method and models or slices.")
+        known = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
+                 "tokenizer_source", "evomerge", "name", "tokenizer", "chat_template"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RecipeError(f"{where}: unknown top-level key {unknown[0]!r}; valid keys are {sorted(known)}.")
+        if "merge_method" not in data:
+            raise RecipeError(f"{where}: missing merge_method (e.g. 'merge_method: ties').")
+        models = [_source(m, f"{where}: models[{i}]") for i, m in enumerate(data.get("models") or [])]
+        slices = None
+        if data.get("slices"):
+            slices = []
+            for i, s in enumerate(data["slices"]):
+                if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
+                    raise RecipeError(f"{where}: slices[{i}] needs a non-empty 'sources' list.")
+                srcs = [_source(x, f"{where}: slices[{i}].sources[{j}]", need_range=True)
+                        for j, x in enumerate(s["sources"])]
+                lengths = {src.layer_range[1] - src.layer_range[0] for src in srcs}  # type: ignore[index]
+                if len(lengths) != 1:
+                    raise RecipeError(f"{where}: slices[{i}]: every source must span the same number of layers.")
+                slices.append(Slice(srcs, _params(s.get("parameters"), f"{where}: slices[{i}].parameters")))
+        if models and slices:
+            raise RecipeError(f"{where}: give either 'models:' or 'slices:', not both (as in mergekit).")
+        if not models and not slices:
+            raise RecipeError(f"{where}: the recipe lists no models; add 'models:' or 'slices:'.")
+        extra = data.get("evomerge") or {}
+        if not isinstance(extra, dict):
+            raise RecipeError(f"{where}: 'evomerge' must be a mapping (seed, random_mode).")
+        mode = extra.get("random_mode", "common")
+        if mode not in ("common", "fresh"):
+            raise RecipeError(f"{where}: evomerge.random_mode must be 'common' or 'fresh', got {mode!r}.")
+        tok = data.get("tokenizer_source")
+        return cls(
+            merge_method=str(data["merge_method"]),
+            models=models,
+            slices=slices,
+            base_model=None if data.get("base_model") is None else str(data["base_model"]),
+            parameters=_params(data.get("parameters"), f"{where}: parameters"),
+            dtype=data.get("dtype"),
+            out_dtype=data.get("out_dtype"),
+            tokenizer_source=None if tok is None else str(tok),
+            seed=int(extra.get("seed", 0)),
+            random_mode=mode,
+            source_file=source_file,
+        )
+
+    # ---- writing -------------------------------------------------------------
+    def to_mergekit(self) -> dict[str, Any]:
+        """The recipe as mergekit reads it (no evomerge-only keys)."""
+        out: dict[str, Any] = {"merge_method": self.merge_method}
+        if self.base_model is not None:
+            out["base_model"] = self.base_model
+        if self.slices:
+            out["slices"] = [
+                {"sources": [_source_dict(s) for s in sl.sources], **({"parameters": sl.parameters} if sl.parameters else {})}
+                for sl in self.slices
+            ]
+        else:
+            out["models"] = [_source_dict(s) for s in self.models]
+        if self.parameters:
+            out["parameters"] = self.parameters
+        for key in ("dtype", "out_dtype", "tokenizer_source"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return copy.deepcopy(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.to_mergekit()
+        out["evomerge"] = {"seed": self.seed, "random_mode": self.random_mode}
+        return out
+
+    def to_yaml(self, mergekit_only: bool = False) -> str:
+        data = self.to_mergekit() if mergekit_only else self.to_dict()
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+    # ---- structure -----------------------------------------------------------
+    def all_model_refs(self) -> list[str]:
+        """Every distinct model named anywhere, base first."""
+        refs: list[str] = [] if self.base_model is None else [self.base_model]
+        srcs = [s for sl in self.slices for s in sl.sources] if self.slices else self.models
+        for s in srcs:
+            if s.model not in refs:
+                refs.append(s.model)
+        return refs
+
+    def structure_key(self) -> tuple:
+        """What must be equal for two recipes to share one prepared engine."""
+        if self.slices:
+            layout = tuple(tuple((s.model, s.layer_range) for s in sl.sources) for sl in self.slices)
+        else:
+            layout = tuple(s.model for s in self.models)
+        return (self.merge_method, self.base_model, layout)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}. Fix the syntax and retry.") from None
+    return Recipe.from_dict(data, source_file=str(path))
+
+
+def _params(value: Any, where: str) -> dict[str, Setting]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where} must be a mapping of parameter names to values, got {value!r}.")
+    for name, setting in value.items():
+        _check_setting(setting, f"{where}.{name}")
+    return dict(value)
+
+
+def _check_setting(setting: Any, where: str) -> None:
+    if isinstance(setting, (int, float, bool, str)):
+        return
+    if isinstance(setting, list) and setting:
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in setting):
+            return
+        if all(isinstance(x, dict) for x in setting):
+            for i, cond in enumerate(setting):
+                if "value" not in cond or set(cond) - {"filter", "value"}:
+                    raise RecipeError(f"{where}[{i}]: a condition needs 'value' and may have 'filter', nothing else.")
+                _check_setting(cond["value"], f"{where}[{i}].value")
+            return
+    raise RecipeError(
+        f"{where}: {setting!r} is not a valid parameter value; use a number, a list of numbers (interpolated across "
+        f"layers) or a list of {{filter: ..., value: ...}} conditions."
+    )
+
+
+def _source(item: Any, where: str, need_range: bool = False) -> Source:
+    if isinstance(item, str):
+        item = {"model": item}
+    if not isinstance(item, dict) or "model" not in item:
+        raise RecipeError(f"{where}: each entry needs a 'model' (a path to a model directory).")
+    lr = item.get("layer_range")
+    if need_range and lr is None:
+        raise RecipeError(f"{where}: slice sources need a layer_range: [start, end].")
+    if lr is not None:
+        if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr) and 0 <= lr[0] < lr[1]):
+            raise RecipeError(f"{where}: layer_range must be [start, end] with 0 <= start < end, got {lr!r}.")
+        lr = (lr[0], lr[1])
+    return Source(str(item["model"]), _params(item.get("parameters"), f"{where}.parameters"), lr)
+
+
+def _source_dict(s: Source) -> dict[str, Any]:
+    d: dict[str, Any] = {"model": s.model}
+    if s.layer_range is not None:
+        d["layer_range"] = list(s.layer_range)
+    if s.parameters:
+        d["parameters"] = s.parameters
+    return d
+
+
+def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:
+    """mergekit's value rules: scalar, gradient list, or filtered conditions (None when no condition matches)."""
+    if isinstance(setting, (int, float, bool, str)) or setting is None:
+        return setting
+    if all(isinstance(x, dict) for x in setting):
+        for cond in setting:
+            if cond.get("filter") in (None, "*") or cond["filter"] in tensor_name:
+                return evaluate_setting(cond["value"], tensor_name, t)
+        return None
+    if len(setting) == 1:
+        return float(setting[0])
+    scaled = t * (len(setting) - 1)
+    i0 = int(math.floor(scaled))
+    i1 = min(len(setting) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * setting[i0] + frac * setting[i1]

@@ -1,0 +1,1 @@
+"""Exporting results: model cards, winners' model directories, reports."""

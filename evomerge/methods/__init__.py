@@ -1,0 +1,28 @@
+"""Merge methods: one small module per method, all behind one registry.
+
+Importing this package registers every method. Look one up with
+:func:`get_method`; list them with :func:`method_names`.
+"""
+from evomerge.methods.base import (  # noqa: F401
+    MergeInputs,
+    MergeMethod,
+    ParamDef,
+    SparsifyAux,
+    get_method,
+    method_names,
+    register,
+)
+
+# Each module registers its method(s) on import.
+from evomerge.methods import (  # noqa: F401,E402
+    linear,
+    slerp,
+    nuslerp,
+    multislerp,
+    karcher,
+    task_arithmetic,
+    model_stock,
+    passthrough,
+    nearswap,
+    sce,
+)

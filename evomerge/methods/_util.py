@@ -1,0 +1,51 @@
+"""Small helpers every method module shares: parameter lookup and error wording.
+
+Why a lookup helper: the engines resolve every declared parameter, but tests and
+other callers may build a :class:`MergeInputs` by hand. Reading through the
+method's own :class:`ParamDef` keeps one source of truth for defaults.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from evomerge.errors import MergeError
+from evomerge.methods.base import MergeInputs, ParamDef
+
+
+def gparam(inputs: MergeInputs, pdef: ParamDef) -> Any:
+    """A global parameter's resolved value, falling back to its declared default."""
+    value = inputs.params.get(pdef.name)
+    return pdef.default if value is None else value
+
+
+def mparam(inputs: MergeInputs, i: int, pdef: ParamDef) -> Any:
+    """Model ``i``'s resolved value of a per-model parameter, or its declared default."""
+    value = inputs.model_params[i].get(pdef.name)
+    if value is None:
+        if pdef.required:
+            raise merge_error(inputs, f"model {i} has no {pdef.name!r}; set it in that model's parameters.")
+        return pdef.default
+    return value
+
+
+def merge_error(inputs: MergeInputs, message: str) -> MergeError:
+    """A MergeError whose message starts with the tensor it concerns."""
+    name = inputs.tensor_name or "<unnamed>"
+    return MergeError(f"tensor {name!r}: {message}")
+
+
+def check_count(inputs: MergeInputs, method: str, low: int, high: int | None) -> int:
+    """Guard for direct callers: the engine checks model counts before it gets here."""
+    n = inputs.n_models
+    if n < low or (high is not None and n > high):
+        want = str(low) if high == low else (f"{low} to {high}" if high is not None else f"at least {low}")
+        raise merge_error(inputs, f"merge_method {method!r} takes {want} model(s) besides the base, got {n}.")
+    return n
+
+
+def need_base(inputs: MergeInputs, method: str) -> torch.Tensor:
+    if inputs.base is None:
+        raise merge_error(inputs, f"merge_method {method!r} needs a base_model; add 'base_model: PATH' to the recipe.")
+    return inputs.base

@@ -1,0 +1,79 @@
+"""TIES sign election and the agreeing-entries sum, shared by the consensus methods.
+
+A model's contribution at one entry is ``coef * tensor``. The elected sign is
++1 where the sum over models (``"sum"``, the TIES paper and mergekit's default) or
+the sum of signs (``"count"``) is >= 0, else -1. Only entries whose contribution
+has the elected sign (so never zeros) are summed, and the divisor sums the
+weights of exactly those entries.
+
+Why the arithmetic looks indirect: with ``y = coef * tensor * sign`` an entry agrees
+iff ``y > 0``, so the agreeing sum is ``sign * sum(relu(y))``. That keeps every
+step a float elementwise op (no bool masks, no ``where``), and the engine's
+resident tensors are only ever read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CONSENSUS_METHODS = ("sum", "count")
+
+
+@dataclass
+class Term:
+    """One model's contribution ``coef * tensor``; ``weight`` goes into the divisor.
+
+    ``owned``: the tensor is a scratch copy the mixer may overwrite.
+    """
+
+    tensor: torch.Tensor
+    coef: float
+    weight: float
+    owned: bool = False
+
+
+def elect_sign(terms: list[Term], method: str = "sum") -> torch.Tensor:
+    """Float +1/-1 per entry; ties (a zero sum) elect +1, as mergekit does."""
+    votes = torch.zeros_like(terms[0].tensor)
+    for t in terms:
+        if t.coef == 0:
+            continue
+        if method == "sum":
+            votes.add_(t.tensor, alpha=t.coef)
+        elif method == "count":
+            votes.add_(torch.sign(t.tensor), alpha=1.0 if t.coef > 0 else -1.0)
+        else:
+            raise ValueError(f"unknown consensus method {method!r}")
+    return torch.ge(votes, 0, out=votes).mul_(2).sub_(1)
+
+
+def agreeing_sum(terms: list[Term], sign: torch.Tensor, *, with_divisor: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sum of the contributions that agree with ``sign``, and the sum of their weights.
+
+    ``sign`` is consumed (reused as scratch). A zero divisor is left zero: the
+    caller decides what to replace it with.
+    """
+    total = torch.zeros_like(sign)
+    divisor = torch.zeros_like(sign) if with_divisor else None
+    scratch: torch.Tensor | None = None
+    for t in terms:
+        if t.coef == 0:
+            continue  # contributes exact zeros, whose sign never agrees
+        if t.owned:
+            y = t.tensor.mul_(sign)
+        else:
+            if scratch is None:
+                scratch = torch.empty_like(sign)
+            y = torch.mul(t.tensor, sign, out=scratch)
+        # keep entries where coef * y > 0; coef * y is then the agreeing magnitude
+        if t.coef > 0:
+            y.clamp_(min=0)
+        else:
+            y.clamp_(max=0)
+        total.add_(y, alpha=t.coef)
+        if divisor is not None:
+            divisor.add_(torch.ne(y, 0, out=y), alpha=t.weight)
+    total.mul_(sign)
+    return total, divisor

@@ -1,0 +1,57 @@
+"""SLERP between the base (``t = 0``) and one model (``t = 1``).
+
+The angle is measured between the two tensors flattened to vectors; the result
+interpolates the original (unnormalised) tensors with the spherical
+coefficients ``sin((1-t)θ)/sin θ`` and ``sin(tθ)/sin θ``. Nearly parallel or
+antiparallel pairs (``|cos θ| > 0.9995``) fall back to linear interpolation, as
+in mergekit. Norms at or below 1e-8 count as 1 when measuring the angle.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from evomerge.methods._util import check_count, gparam, need_base
+from evomerge.methods.base import MergeInputs, MergeMethod, ParamDef, register
+
+T = ParamDef("t", None, 0.0, 1.0)
+DOT_THRESHOLD = 0.9995
+_EPS = 1e-8
+
+
+def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float]:
+    """``(c0, c1)`` with ``slerp(t, v0, v1) = c0 * v0 + c1 * v1``."""
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    if a.numel() == 0:
+        return 1.0 - t, t
+    na = float(torch.linalg.vector_norm(a))
+    nb = float(torch.linalg.vector_norm(b))
+    na = na if na > _EPS else 1.0
+    nb = nb if nb > _EPS else 1.0
+    dot = float(torch.dot(a, b)) / na / nb
+    dot = min(1.0, max(-1.0, dot))
+    if abs(dot) > DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta = math.acos(dot)
+    s = math.sin(theta)
+    return math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    c0, c1 = slerp_coefficients(t, v0, v1)
+    return torch.mul(v0, c0).add_(v1, alpha=c1)
+
+
+def slerp_merge(inputs: MergeInputs) -> torch.Tensor:
+    base = need_base(inputs, "slerp")
+    check_count(inputs, "slerp", 1, 1)
+    return slerp(float(gparam(inputs, T)), base, inputs.models[0])
+
+
+register(MergeMethod(
+    name="slerp", merge=slerp_merge, needs_base=True,
+    global_params=(T,), min_models=1, max_models=1,
+    doc="Spherical interpolation from the base (t=0) to the model (t=1) "
+        "(https://en.wikipedia.org/wiki/Slerp).",
+))

@@ -1,0 +1,252 @@
+"""Sparsifiers for task vectors: which entries of one model's delta survive.
+
+Four rules, with mergekit's names: ``magnitude`` (TIES: the top ``density``
+fraction by |delta|), ``random`` (DARE: keep each entry with probability
+``density``), ``magnitude_outliers`` (Model Breadcrumbs: drop the ``gamma``
+largest, then the smallest, keep ``density``) and ``della_magprune`` (DELLA:
+keep probability rises linearly with the entry's magnitude rank in its row).
+
+Why thresholds instead of top-k indices: a candidate then costs a few float
+elementwise passes; with :attr:`SparsifyAux.sorted_abs` the threshold is a
+lookup, without it ``torch.kthvalue`` finds the same value. Entries whose |delta|
+equals the threshold exactly are all kept, so at exact ties a few more entries
+survive than an exact top-k (mergekit breaks such ties arbitrarily).
+
+Why a :class:`Kept` with a scalar ``scale``: norm-matching rescales multiply the
+whole sparsified tensor by one number, which the caller folds into the model's
+weight instead of paying another pass.
+
+Rescaling (``rescale: true``) follows mergekit by default: multiply the kept
+entries so their L1 norm equals the full delta's (``rescale_norm: l1``; ``l2``
+and ``linf`` match those norms). ``rescale_norm: probability`` is the papers'
+rule instead: divide each kept entry by its keep probability (DARE's
+``1/density``, DELLA's per-entry ``1/p``; ``1/density`` for the magnitude rules).
+
+Candidate-independent precomputation (:func:`prepare_aux`), read when present:
+``sorted_abs`` (magnitude rules), ``uniforms`` (random rules), and in
+``aux.extra``: ``"abs_sum"`` (L1 norm of the delta, for L1 rescale) and
+``"della_rank"`` (each entry's magnitude rank in its row, scaled to [0, 1]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from evomerge.errors import MergeError
+from evomerge.methods.base import MergeMethod, SparsifyAux
+
+RESCALE_NORMS = ("l1", "l2", "linf", "probability")
+_NORM_EPS = 1e-7  # below this a norm is treated as zero and nothing is rescaled (as mergekit)
+
+
+@dataclass
+class Kept:
+    """A sparsified delta: ``tensor * scale`` is the result.
+
+    ``owned`` says the caller may write into ``tensor``; when False it is the
+    engine's resident delta and must stay untouched.
+    """
+
+    tensor: torch.Tensor
+    scale: float = 1.0
+    owned: bool = False
+
+
+# ---- thresholds -------------------------------------------------------------------
+def ascending_abs_at(delta: torch.Tensor, index: int, aux: SparsifyAux | None) -> float:
+    """|delta|'s ``index``-th smallest value (0-based), by lookup when aux has it."""
+    if aux is not None and aux.sorted_abs is not None:
+        if aux.sorted_abs.numel() != delta.numel():
+            raise ValueError("SparsifyAux.sorted_abs does not match the delta's size")
+        return float(aux.sorted_abs[index])
+    return float(torch.kthvalue(delta.abs().reshape(-1), index + 1).values)
+
+
+def _abs_ge(delta: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Float 0/1 mask of |delta| >= threshold (float-only ops: bool ones are 5-10x slower here)."""
+    mask = torch.abs(delta)
+    return torch.ge(mask, threshold, out=mask)
+
+
+def _zeros(delta: torch.Tensor) -> Kept:
+    return Kept(torch.zeros_like(delta), 1.0, True)
+
+
+# ---- rescale ------------------------------------------------------------------------
+def norm_of(t: torch.Tensor, norm: str) -> float:
+    if norm == "l1":
+        return float(torch.linalg.vector_norm(t, 1))
+    if norm == "l2":
+        return float(torch.linalg.vector_norm(t, 2))
+    if norm == "linf":
+        return float(torch.linalg.vector_norm(t, float("inf"))) if t.numel() else 0.0
+    raise ValueError(f"unknown rescale norm {norm!r}")
+
+
+def norm_scale(kept: torch.Tensor, delta: torch.Tensor, norm: str, aux: SparsifyAux | None) -> float:
+    """The factor that gives the kept entries the full delta's norm (1 if either norm is ~0)."""
+    before = aux.extra.get("abs_sum") if (aux is not None and norm == "l1") else None
+    if before is None:
+        before = norm_of(delta, norm)
+    after = norm_of(kept, norm)
+    if before < _NORM_EPS or after < _NORM_EPS:
+        return 1.0
+    return before / after
+
+
+def _finish(kept: torch.Tensor, delta: torch.Tensor, density: float, rescale: str | None,
+            aux: SparsifyAux | None) -> Kept:
+    if rescale is None:
+        return Kept(kept, 1.0, True)
+    if rescale == "probability":
+        return Kept(kept, 1.0 / density, True)
+    return Kept(kept, norm_scale(kept, delta, rescale, aux), True)
+
+
+# ---- the four rules --------------------------------------------------------------
+def magnitude(delta: torch.Tensor, density: float, *, aux: SparsifyAux | None = None,
+              rescale: str | None = None) -> Kept:
+    """TIES trimming: keep the ``k = max(1, int(density * numel))`` largest |delta|.
+
+    A positive density keeps at least one entry (mergekit 0.1.5); density 0 keeps
+    nothing; density >= 1 returns the delta itself.
+    """
+    if density >= 1:
+        return Kept(delta)
+    n = delta.numel()
+    if density <= 0 or n == 0:
+        return _zeros(delta)
+    k = max(1, int(density * n))
+    threshold = ascending_abs_at(delta, n - k, aux)
+    kept = _abs_ge(delta, threshold).mul_(delta)
+    return _finish(kept, delta, density, rescale, aux)
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, *,
+                       aux: SparsifyAux | None = None, rescale: str | None = None) -> Kept:
+    """Model Breadcrumbs: in |delta| order, drop the top ``int(gamma*n)`` and keep the
+    next ``int(density*n)``; when both do not fit, fewer outliers are dropped."""
+    if density >= 1:
+        return Kept(delta)
+    n = delta.numel()
+    target = int(density * n)
+    if target <= 0:
+        return _zeros(delta)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    absd = torch.abs(delta)
+    mask = absd
+    if n_bot + target < n:  # an upper cut exists
+        hi = ascending_abs_at(delta, n_bot + target - 1, aux)
+        mask = torch.le(absd, hi, out=torch.empty_like(absd))
+    if n_bot > 0:
+        lo = ascending_abs_at(delta, n_bot, aux)
+        lower = torch.ge(absd, lo, out=absd)
+        mask = lower if mask is absd else mask.mul_(lower)
+    elif mask is absd:  # neither cut: cannot happen for density < 1, kept for safety
+        mask.fill_(1.0)
+    kept = mask.mul_(delta)
+    return _finish(kept, delta, density, rescale, aux)
+
+
+def uniforms_for(delta: torch.Tensor, aux: SparsifyAux | None,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """The U[0,1) draws behind a random mask: the common random numbers when given,
+    else a fresh ``torch.rand(delta.shape, generator=generator)`` (the same call
+    :func:`prepare_aux` makes, so both paths agree for the same generator state)."""
+    if aux is not None and aux.uniforms is not None:
+        if aux.uniforms.shape != delta.shape:
+            raise ValueError("SparsifyAux.uniforms does not match the delta's shape")
+        return aux.uniforms
+    return torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=delta.device)
+
+
+def dare(delta: torch.Tensor, density: float, uniforms: torch.Tensor, *,
+           aux: SparsifyAux | None = None, rescale: str | None = None) -> Kept:
+    """DARE: keep an entry where its uniform draw is below ``density``.
+
+    With common random numbers the kept set only grows with density (masks nest).
+    """
+    if density >= 1:
+        return Kept(delta)
+    if density <= 0:
+        return _zeros(delta)
+    kept = torch.lt(uniforms, density, out=torch.empty_like(delta)).mul_(delta)
+    return _finish(kept, delta, density, rescale, aux)
+
+
+def della_rank(delta: torch.Tensor) -> torch.Tensor:
+    """Each entry's ascending |delta| rank within its row, scaled to [0, 1].
+
+    Rows are along dim 1 as in mergekit (a 1-D tensor is one row). A row of one
+    entry has no ranking: it gets 0.5, i.e. keep probability ``density`` (mergekit
+    fails there with a NaN probability). Ties are broken by position (stable sort).
+    Candidate-independent: the prepared engine computes it once (``extra["della_rank"]``).
+    """
+    x = delta.abs()
+    if x.dim() < 2:
+        x = x.reshape(1, -1)
+    n = x.shape[1]
+    if n <= 1:
+        return torch.full_like(delta, 0.5)
+    order = torch.argsort(x, dim=1, stable=True)
+    steps = torch.arange(n, dtype=torch.float32, device=x.device).div_(n - 1)
+    shape = [1] * x.dim()
+    shape[1] = n
+    rank = torch.empty_like(x).scatter_(1, order, steps.reshape(shape).expand_as(x))
+    return rank.reshape(delta.shape)
+
+
+def check_della(density: float, epsilon: float, where: str) -> None:
+    if density < 1 and density > 0 and (density + epsilon >= 1 or density - epsilon <= 0):
+        raise MergeError(
+            f"{where}: DELLA keep probabilities density +/- epsilon must lie strictly inside (0, 1), got "
+            f"density={density} and epsilon={epsilon}; lower 'epsilon' or move 'density' away from 0 and 1."
+        )
+
+
+def della_magprune(delta: torch.Tensor, density: float, epsilon: float, uniforms: torch.Tensor, *,
+                   aux: SparsifyAux | None = None, rescale: str | None = None, where: str = "") -> Kept:
+    """DELLA MagPrune: keep probability ``density - eps + 2*eps*rank`` (rank in [0,1]),
+    so large entries survive more often while the expected density stays ``density``."""
+    if density >= 1:
+        return Kept(delta)
+    if density <= 0:
+        return _zeros(delta)
+    check_della(density, epsilon, where)
+    rank = aux.extra.get("della_rank") if aux is not None else None
+    if rank is None:
+        rank = della_rank(delta)
+    probs = torch.mul(rank, 2 * epsilon).add_(density - epsilon)
+    kept = torch.lt(uniforms, probs, out=torch.empty_like(delta))
+    if rescale == "probability":
+        kept.div_(probs)
+        rescale = None
+    del probs
+    kept.mul_(delta)
+    return _finish(kept, delta, density, rescale, aux)
+
+
+# ---- precomputation for the prepared engine --------------------------------------
+def prepare_aux(method: MergeMethod, delta: torch.Tensor, *, uniforms: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> SparsifyAux:
+    """Everything ``method`` can reuse across candidates for one model's delta.
+
+    Uniforms are taken as given, else drawn with ``torch.rand(delta.shape,
+    generator=generator)``; call this model by model in recipe order to reproduce
+    what a method draws itself from the same generator.
+    """
+    aux = SparsifyAux()
+    if method.uses_sorted_abs:
+        aux.sorted_abs = torch.sort(delta.abs().reshape(-1)).values
+    if method.uses_uniforms:
+        aux.uniforms = uniforms if uniforms is not None else uniforms_for(delta, None, generator)
+    for key in method.aux_extras:
+        if key == "abs_sum":
+            aux.extra[key] = norm_of(delta, "l1")
+        elif key == "della_rank":
+            aux.extra[key] = della_rank(delta)
+        else:
+            raise ValueError(f"unknown aux extra {key!r}")
+    return aux

@@ -1,0 +1,209 @@
+"""Merge-engine benchmark: one-shot evomerge-merge vs mergekit, and the prepared engine per candidate.
+
+Everything runs in one process tree on one machine, so the ratios hold on a noisy
+box. The inputs are a SmolLM2-135M-shaped Llama (hidden 576, 30 layers, tied
+embeddings) and three "fine-tunes" = base + sparse random task vectors, stored in
+float32. Merge cost does not depend on what the weights mean, so synthetic
+fine-tunes measure the same thing as real ones.
+
+    python experiments/bench_merge.py --mergekit-python /tmp/mkvenv/bin/python
+
+writes results/bench_merge.json, results/bench_merge.md and results/bench_merge.png.
+mergekit is a reference, never a dependency: install it in its own venv
+(``python -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install torch==2.13.0 mergekit``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOL_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                  num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
+                  rms_norm_eps=1e-5, rope_theta=100000.0)
+
+RECIPES = {
+    "ties": ("ties", {"weight": [0.5, 0.3, 0.2], "density": [0.5, 0.6, 0.4]}),
+    "dare_ties": ("dare_ties", {"weight": [0.5, 0.3, 0.2], "density": [0.5, 0.6, 0.4]}),
+    "breadcrumbs": ("breadcrumbs", {"weight": [0.5, 0.3, 0.2], "density": [0.8, 0.8, 0.8]}),
+    "task_arithmetic": ("task_arithmetic", {"weight": [0.5, 0.3, 0.2]}),
+    "linear": ("linear", {"weight": [0.5, 0.3, 0.2]}),
+    "slerp": ("slerp", {}),
+}
+
+
+def build_family(root: Path) -> tuple[Path, list[Path]]:
+    """Base + three fine-tunes of SmolLM2-135M's shape, cached on disk."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.model_factory import make_tokenizer  # a tokenizer so outputs load
+
+    base_dir, fts = root / "base", [root / f"ft{i}" for i in range(3)]
+    if all((d / "config.json").is_file() for d in [base_dir, *fts]):
+        return base_dir, fts
+    torch.manual_seed(0)
+    tok = make_tokenizer(base_dir)
+    cfg = LlamaConfig(**SMOL_SHAPE)
+    base = LlamaForCausalLM(cfg)
+    base.save_pretrained(base_dir)
+    state = base.state_dict()
+    for i, d in enumerate(fts):
+        gen = torch.Generator().manual_seed(i + 1)
+        ft = {k: v + torch.randn(v.shape, generator=gen) * 0.01 * (torch.rand(v.shape, generator=gen) < 0.6)
+              for k, v in state.items() if k != "lm_head.weight"}
+        base.load_state_dict({**state, **ft}, strict=False)
+        base.save_pretrained(d)
+        tok.save_pretrained(d)
+        base.load_state_dict(state)
+    return base_dir, fts
+
+
+def recipe_yaml(name: str, base: Path, fts: list[Path]) -> str:
+    method, params = RECIPES[name]
+    if method == "slerp":
+        return (f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {fts[0]}\n"
+                f"parameters:\n  t: 0.4\ndtype: float32\n")
+    lines = [f"merge_method: {method}"]
+    if method != "linear":
+        lines.append(f"base_model: {base}")
+    lines.append("models:")
+    for i, ft in enumerate(fts):
+        p = ", ".join(f"{k}: {v[i]}" for k, v in params.items())
+        lines += [f"  - model: {ft}", f"    parameters: {{{p}}}"]
+    lines.append("dtype: float32")
+    return "\n".join(lines) + "\n"
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def bench_oneshot(work: Path, base: Path, fts: list[Path], mergekit_python: str | None) -> dict:
+    out: dict = {}
+    for name in ("ties", "dare_ties", "linear"):
+        recipe = work / f"{name}.yaml"
+        recipe.write_text(recipe_yaml(name, base, fts))
+        row = {"evomerge": timed([sys.executable, "-m", "evomerge.engine.cli", str(recipe), str(work / f"evo_{name}"),
+                                  "--device", "cpu", "--no-progress"])}
+        if mergekit_python:
+            mk = Path(mergekit_python).parent / "mergekit-yaml"
+            row["mergekit"] = timed([str(mk), str(recipe), str(work / f"mk_{name}"), "--copy-tokenizer"])
+        out[name] = row
+        print(f"one-shot {name}: {row}", flush=True)
+        for d in work.glob(f"*_{name}"):
+            shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
+def copy_seconds(nbytes_read: int, nbytes_written: int, reps: int = 5) -> float:
+    """A plain copy of the same bytes: the physical floor for a candidate on this device."""
+    n = nbytes_written // 4
+    src = torch.empty(n, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    ratio = (nbytes_read + nbytes_written) / (2 * nbytes_written)  # a copy touches 2 bytes per byte written
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * ratio
+
+
+def bench_prepared(base: Path, fts: list[Path], reps: int) -> dict:
+    from evomerge.engine.prepared import PreparedMerge
+    from evomerge.engine.recipe import Recipe
+    import yaml
+
+    out: dict = {}
+    for name in ("ties", "dare_ties", "breadcrumbs", "task_arithmetic", "slerp", "linear"):
+        recipe = Recipe.from_dict(yaml.safe_load(recipe_yaml(name, base, fts)))
+        start = time.perf_counter()
+        engine = PreparedMerge(recipe, device="cpu", memory="device", progress=False)
+        prep = time.perf_counter() - start
+        times = [engine.apply(recipe).seconds for _ in range(reps)]
+        n_in = len(engine.plan.jobs[0].models) + (1 if engine.plan.method.needs_base else 0)
+        numel = sum(p.numel() for p in engine.state_dict().values())
+        read, written = numel * 4 * n_in, numel * 4
+        floor = copy_seconds(read, written)
+        med = statistics.median(times)
+        out[name] = {"prepare_s": prep, "candidate_s": med, "all_s": times, "bytes": read + written,
+                     "GBps": (read + written) / med / 1e9, "copy_floor_s": floor, "fraction_of_copy_bw": floor / med}
+        print(f"prepared {name}: {out[name]['candidate_s']:.3f}s/candidate "
+              f"({out[name]['GBps']:.1f} GB/s, {out[name]['fraction_of_copy_bw']:.0%} of copy)", flush=True)
+        del engine
+    return out
+
+
+def write_results(res: dict, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "bench_merge.json").write_text(json.dumps(res, indent=2))
+    prep, one = res["prepared"], res["oneshot"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(prep)
+    ax.bar(names, [prep[n]["candidate_s"] for n in names], label="prepared engine, per candidate")
+    ax.bar(names, [prep[n]["copy_floor_s"] for n in names], alpha=0.6, label="plain copy of the same bytes")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"Time per candidate, SmolLM2-135M shape, 3 fine-tunes ({res['machine']['device']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "bench_merge.png", dpi=120)
+    lines = ["# Merge engine benchmark", "", f"Machine: {res['machine']}", "",
+             f"Command: `{res['command']}`", "", "## One-shot merge, whole process (seconds)", "",
+             "| recipe | evomerge-merge | mergekit-yaml | speed-up |", "|---|---|---|---|"]
+    for n, row in one.items():
+        mk = row.get("mergekit")
+        lines.append(f"| {n} | {row['evomerge']:.1f} | {mk:.1f} | {mk / row['evomerge']:.1f}x |" if mk else
+                     f"| {n} | {row['evomerge']:.1f} | n/a | |")
+    lines += ["", "## Prepared engine, per candidate", "",
+              "| method | s / candidate | vs mergekit one-shot | GB/s touched | copy floor (s) | fraction of copy bandwidth |",
+              "|---|---|---|---|---|---|"]
+    for n, row in prep.items():
+        mk = one.get(n, {}).get("mergekit")
+        vs = f"{mk / row['candidate_s']:.0f}x faster" if mk else ""
+        lines.append(f"| {n} | {row['candidate_s']:.3f} | {vs} | {row['GBps']:.1f} | {row['copy_floor_s']:.3f} | "
+                     f"{row['fraction_of_copy_bw']:.0%} |")
+    lines += ["", "![time per candidate](bench_merge.png)", ""]
+    (out_dir / "bench_merge.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="/tmp/evomerge-bench")
+    ap.add_argument("--mergekit-python", default=None, help="python of a venv with mergekit installed")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--skip-oneshot", action="store_true")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    work = Path(args.work)
+    base, fts = build_family(work / "family")
+    res = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": {"device": "cpu", "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(), "torch": torch.__version__},
+        "oneshot": {} if args.skip_oneshot else bench_oneshot(work, base, fts, args.mergekit_python),
+        "prepared": bench_prepared(base, fts, args.reps),
+    }
+    write_results(res, ROOT / "results")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The merge engine end to end on small real transformers models.
+
+Math of each method is tested in test_methods.py; here: reading checkpoints,
+planning (gradients, filters, slices), writing loadable model directories, and
+the prepared engine giving exactly the one-shot result in every memory mode.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evomerge.checkpoints import open_checkpoint
+from evomerge.engine.oneshot import merge_to_dir
+from evomerge.engine.prepared import PreparedMerge
+from evomerge.engine.recipe import Recipe, load_recipe
+from model_factory import make_family
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_family(tmp_path_factory.mktemp("llama"), "llama")
+
+
+def _state(model_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _recipe(method: str, base: Path | None, models: list[Path], params: list[dict], global_params: dict | None = None,
+            **extra) -> Recipe:
+    data = {"merge_method": method, "models": [{"model": str(m), "parameters": p} for m, p in zip(models, params)]}
+    if base is not None:
+        data["base_model"] = str(base)
+    if global_params:
+        data["parameters"] = global_params
+    data.update(extra)
+    return Recipe.from_dict(data)
+
+
+def _generates(model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok("12+34=", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == ids.shape[1] + 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_cli_round_trip_loads_and_generates(tmp_path, arch):
+    base, fts = make_family(tmp_path / "fam", arch, n_models=2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"merge_method: ties\nbase_model: {base}\nmodels:\n"
+        f"  - model: {fts[0]}\n    parameters: {{weight: 0.6, density: 0.5}}\n"
+        f"  - model: {fts[1]}\n    parameters: {{weight: 0.4, density: 0.7}}\n"
+        f"dtype: bfloat16\n"
+    )
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "evomerge.engine.cli", str(recipe), str(out), "--no-progress"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16"
+    assert (out / "mergekit_config.yml").is_file() and "ties" in (out / "README.md").read_text()
+    assert load_recipe(out / "mergekit_config.yml").merge_method == "ties"
+    _generates(out)
+
+
+def test_linear_merge_is_weighted_average_and_shards(llama, tmp_path):
+    base, fts = llama
+    r = _recipe("linear", None, fts, [{"weight": 1.0}, {"weight": 2.0}, {"weight": 1.0}])
+    out = merge_to_dir(r, tmp_path / "lin", shard_size="20KB", progress=False)
+    assert (out / "model.safetensors.index.json").is_file()
+    merged = _state(out)
+    srcs = [_state(f) for f in fts]
+    for name, t in merged.items():
+        want = (srcs[0][name] + 2 * srcs[1][name] + srcs[2][name]) / 4
+        torch.testing.assert_close(t.float(), want.float(), rtol=0, atol=1e-6)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    _generates(out)
+
+
+def test_gradient_and_filter_parameters(llama, tmp_path):
+    base, fts = llama
+    # task_arithmetic, one model: out = base + w * delta, so w is readable per tensor.
+    r = _recipe("task_arithmetic", base, fts[:1], [{"weight": [
+        {"filter": "self_attn", "value": 0.0}, {"value": [0.0, 1.0]}]}])
+    merged = _state(merge_to_dir(r, tmp_path / "g", progress=False))
+    b, f = _state(base), _state(fts[0])
+    n = 4
+    for name, t in merged.items():
+        delta = f[name] - b[name]
+        if delta.abs().max() == 0:
+            continue
+        w = ((t - b[name]) * delta).sum() / (delta * delta).sum()
+        if "self_attn" in name:
+            want = 0.0
+        elif ".layers." in name:
+            want = int(name.split(".layers.")[1].split(".")[0]) / (n - 1)
+        else:
+            want = 0.0 if "embed" in name else 1.0  # embeddings at t=0, final norm / lm_head at t=1
+        assert float(w) == pytest.approx(want, abs=1e-5), name
+
+
+def test_passthrough_stacks_layers(llama, tmp_path):
+    base, fts = llama
+    r = Recipe.from_dict({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(fts[0]), "layer_range": [0, 3]}]},
+        {"sources": [{"model": str(fts[1]), "layer_range": [1, 4]}]},
+    ]})
+    out = merge_to_dir(r, tmp_path / "stack", progress=False)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
+    merged, a, b = _state(out), _state(fts[0]), _state(fts[1])
+    key = "self_attn.q_proj.weight"
+    assert torch.equal(merged[f"model.layers.2.{key}"], a[f"model.layers.2.{key}"])
+    assert torch.equal(merged[f"model.layers.3.{key}"], b[f"model.layers.1.{key}"])
+    assert torch.equal(merged[f"model.layers.5.{key}"], b[f"model.layers.3.{key}"])
+    _generates(out)
+
+
+PREPARED_CASES = [
+    ("ties", [{"weight": 0.5, "density": 0.4}, {"weight": 0.3, "density": 0.8}, {"weight": 0.2, "density": 0.6}], {}),
+    ("dare_ties", [{"weight": 0.5, "density": 0.4}, {"weight": 0.3, "density": 0.8}, {"weight": 0.2, "density": 0.6}], {}),
+    ("breadcrumbs", [{"weight": 0.5, "density": 0.6}, {"weight": 0.5, "density": 0.7}, {"weight": 0.5, "density": 0.8}], {}),
+    ("task_arithmetic", [{"weight": 0.7}, {"weight": -0.3}, {"weight": 0.5}], {}),
+    ("linear", [{"weight": 0.2}, {"weight": 0.3}, {"weight": 0.5}], {}),
+]
+
+
+@pytest.mark.parametrize("method,params,glob", PREPARED_CASES, ids=[c[0] for c in PREPARED_CASES])
+def test_prepared_equals_oneshot_in_every_memory_mode(llama, tmp_path, method, params, glob):
+    base, fts = llama
+    r = _recipe(method, base, fts, params, glob)
+    want = _state(merge_to_dir(r, tmp_path / "one", out_dtype="float32", progress=False))
+    for memory in ("device", "host", "disk"):
+        engine = PreparedMerge(r, memory=memory, progress=False)
+        got = engine.state_dict()
+        for name, t in got.items():
+            torch.testing.assert_close(t, want[name], rtol=0, atol=0, msg=f"{memory}: {name}")
+
+
+def test_prepared_applies_candidates_in_place(llama, tmp_path):
+    base, fts = llama
+    r1 = _recipe("ties", base, fts, [{"weight": 1.0, "density": 0.3}] * 3)
+    r2 = _recipe("ties", base, fts, [{"weight": [0.1, 0.9], "density": [0.9, 0.2]}] * 3)
+    engine = PreparedMerge(r1, progress=False)
+    model = engine.model
+    ptr = model.model.layers[0].mlp.up_proj.weight.data_ptr()
+    engine.apply(r2)
+    assert model.model.layers[0].mlp.up_proj.weight.data_ptr() == ptr  # same live model, same storage
+    want = _state(merge_to_dir(r2, tmp_path / "r2", out_dtype="float32", progress=False))
+    for name, t in engine.state_dict().items():
+        torch.testing.assert_close(t, want[name], rtol=0, atol=0)
+    # a candidate with another method is refused, not silently merged
+    with pytest.raises(Exception, match="prepare a new engine"):
+        engine.apply(_recipe("linear", base, fts, [{"weight": 1.0}] * 3))
+
+
+def test_slerp_prepared_matches_oneshot(llama, tmp_path):
+    base, fts = llama
+    r = Recipe.from_dict({"merge_method": "slerp", "base_model": str(base),
+                          "models": [{"model": str(base)}, {"model": str(fts[0])}],
+                          "parameters": {"t": [0.0, 0.3, 0.7, 1.0]}})
+    want = _state(merge_to_dir(r, tmp_path / "s", out_dtype="float32", progress=False))
+    got = PreparedMerge(r, progress=False).state_dict()
+    for name, t in got.items():
+        torch.testing.assert_close(t, want[name], rtol=1e-6, atol=1e-7)
+    b, f = _state(base), _state(fts[0])
+    assert torch.equal(want["model.embed_tokens.weight"], b["model.embed_tokens.weight"])  # t=0 -> base
+    torch.testing.assert_close(want["model.norm.weight"], f["model.norm.weight"])  # t=1 -> the other model
+
+
+def test_lora_adapter_stands_for_a_model(llama, tmp_path):
+    peft = pytest.importorskip("peft")
+    base, _ = llama
+    model = AutoModelForCausalLM.from_pretrained(base)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    pm = peft.get_peft_model(model, cfg)
+    adapter = tmp_path / "adapter"
+    pm.save_pretrained(adapter)
+    merged_ref = pm.merge_and_unload().state_dict()
+    ck = open_checkpoint(adapter, base=open_checkpoint(base))
+    for name in ["model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"]:
+        torch.testing.assert_close(ck.get(name), merged_ref[name], rtol=1e-5, atol=1e-6)
+    r = _recipe("task_arithmetic", base, [adapter], [{"weight": 1.0}])
+    out = _state(merge_to_dir(r, tmp_path / "lora_out", progress=False))
+    torch.testing.assert_close(out["model.layers.1.self_attn.v_proj.weight"],
+                               merged_ref["model.layers.1.self_attn.v_proj.weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_reads_pytorch_bin_checkpoints(llama, tmp_path):
+    base, fts = llama
+    bin_dir = tmp_path / "bin_model"
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_text((fts[0] / "config.json").read_text())
+    torch.save({k: v.clone() for k, v in _state(fts[0]).items()}, bin_dir / "pytorch_model.bin")
+    ck = open_checkpoint(bin_dir)
+    src = _state(fts[0])
+    assert set(ck.tensor_names()) == set(src)
+    assert torch.equal(ck.get("model.norm.weight"), src["model.norm.weight"])
