@@ -133,6 +133,14 @@ PREPARED_CASES = [
     ("breadcrumbs", [{"weight": 0.5, "density": 0.6}, {"weight": 0.5, "density": 0.7}, {"weight": 0.5, "density": 0.8}], {}),
     ("task_arithmetic", [{"weight": 0.7}, {"weight": -0.3}, {"weight": 0.5}], {}),
     ("linear", [{"weight": 0.2}, {"weight": 0.3}, {"weight": 0.5}], {}),
+    ("della", [{"weight": 0.5, "density": 0.5}, {"weight": 0.3, "density": 0.7}, {"weight": 0.2, "density": 0.6}], {}),
+    ("della_linear", [{"weight": 0.5, "density": 0.5, "epsilon": 0.1}] * 3, {"rescale_norm": "probability"}),
+    ("dare_linear", [{"weight": 0.5, "density": 0.5}] * 3, {}),
+    ("breadcrumbs_ties", [{"weight": 0.5, "density": 0.8, "gamma": 0.05}] * 3, {}),
+    ("model_stock", [{}, {}, {}], {}),
+    ("sce", [{}, {}, {}], {"select_topk": 0.5}),
+    ("multislerp", [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}], {}),
+    ("karcher", [{}, {}, {}], {}),
 ]
 
 

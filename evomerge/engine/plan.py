@@ -108,7 +108,8 @@ class MergePlan:
             others = [s for s in sl.sources if s.model != base_ref]
         else:
             listed = {m.model for m in self.recipe.models} if not self.recipe.slices else None
-            others = [s for s in sl.sources if listed is None or s.model in listed]
+            others = [s for s in sl.sources
+                      if listed is None or s.model in listed or (self.method.base_is_input and s is base)]
         m = self.method
         if len(others) < m.min_models or (m.max_models is not None and len(others) > m.max_models):
             want = f"{m.min_models}" if m.max_models == m.min_models else f"at least {m.min_models}"

@@ -36,6 +36,7 @@ from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import MergeError
 from evomerge.methods import SparsifyAux
+from evomerge.methods.sparsify import prepare_aux
 
 MEMORY_MODES = ("auto", "device", "host", "disk")
 
@@ -46,7 +47,7 @@ class _Resident:
 
     base: torch.Tensor | None
     inputs: list[torch.Tensor]
-    sorted_abs: list[torch.Tensor] | None = None
+    aux: list[SparsifyAux] | None = None  # candidate-independent: sorted |delta|, della ranks, L1 sums
     uniforms: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # seed -> per-model draws
 
 
@@ -135,11 +136,15 @@ class PreparedMerge:
             assert base is not None
             inputs = [x.sub_(base) for x in inputs]  # task vectors, in place: no second copy
         res = _Resident(base=base, inputs=inputs)
-        if self.plan.method.uses_sorted_abs:
-            res.sorted_abs = [d.abs().flatten().sort().values for d in inputs]
-        if self.plan.method.uses_uniforms:
-            aux = random_aux(self.plan, job, self.recipe.seed, inputs[0].shape, dev)
-            res.uniforms[self.recipe.seed] = [a.uniforms for a in aux]  # type: ignore[union-attr,misc]
+        m = self.plan.method
+        draws = random_aux(self.plan, job, self.recipe.seed, inputs[0].shape, dev) if m.uses_uniforms else None
+        if m.uses_sorted_abs or m.uses_uniforms or m.aux_extras:
+            res.aux = [prepare_aux(m, d, uniforms=None if draws is None else draws[i].uniforms)
+                       for i, d in enumerate(inputs)]
+            if draws is not None:
+                res.uniforms[self.recipe.seed] = [a.uniforms for a in res.aux]  # type: ignore[misc]
+            for a in res.aux:
+                a.uniforms = None  # kept per seed in res.uniforms
         if dev.type == "cpu" and self.device.type == "cuda":
             pin = lambda t: t.pin_memory()  # noqa: E731
             res.base = None if base is None else pin(res.base)
@@ -179,11 +184,12 @@ class PreparedMerge:
         inputs = [x.to(dev, non_blocking=True) for x in res.inputs]
         m = self.plan.method
         aux: list[SparsifyAux] | None = None
-        if m.uses_sorted_abs or m.uses_uniforms:
+        if m.uses_sorted_abs or m.uses_uniforms or m.aux_extras:
             aux = [SparsifyAux() for _ in inputs]
-            if res.sorted_abs is not None:
-                for a, s in zip(aux, res.sorted_abs):
-                    a.sorted_abs = s.to(dev, non_blocking=True)
+            for a, r in zip(aux, res.aux or []):
+                a.sorted_abs = None if r.sorted_abs is None else r.sorted_abs.to(dev, non_blocking=True)
+                a.extra = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                           for k, v in r.extra.items()}
             if m.uses_uniforms:
                 draws = self._uniforms(job, res, recipe)
                 for a, u in zip(aux, draws):

@@ -13,7 +13,8 @@ from evomerge.methods.base import (  # noqa: F401
     register,
 )
 
-# Each module registers its method(s) on import.
+# Each module registers its method(s) on import (task_arithmetic registers the whole
+# TIES/DARE/breadcrumbs/DELLA family, built on the helper modules sparsify and consensus).
 from evomerge.methods import (  # noqa: F401,E402
     linear,
     slerp,

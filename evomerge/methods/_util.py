@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import torch
 
 from evomerge.errors import MergeError
@@ -49,3 +51,27 @@ def need_base(inputs: MergeInputs, method: str) -> torch.Tensor:
     if inputs.base is None:
         raise merge_error(inputs, f"merge_method {method!r} needs a base_model; add 'base_model: PATH' to the recipe.")
     return inputs.base
+
+
+def flat_dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<a, b> over the flattened tensors.
+
+    Why not ``torch.linalg.vector_norm``: on this CPU its float32 result for a
+    20M-entry tensor is off by ~1e-3 relative and varies with the thread count;
+    BLAS ``dot`` is ~4e-5 off and, unlike ``(a*b).sum()``, allocates nothing.
+    """
+    if a.numel() == 0:
+        return 0.0
+    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
+
+
+def flat_norm(x: torch.Tensor) -> float:
+    """Euclidean norm of the flattened tensor (see :func:`flat_dot` for why not vector_norm)."""
+    return math.sqrt(max(flat_dot(x, x), 0.0))
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> along the last dim, keepdim; one long vector goes through BLAS ``dot``."""
+    if a.dim() == 1:
+        return torch.dot(a, b).reshape(1)
+    return torch.linalg.vecdot(a, b, dim=-1).unsqueeze(-1)

@@ -164,6 +164,8 @@ class MergeMethod:
     # further candidate-independent SparsifyAux.extra keys the method reads when
     # present (see evomerge.methods.sparsify.prepare_aux, which computes them)
     aux_extras: tuple[str, ...] = ()
+    # a base_model, when the recipe names one, is merged as one more input (mergekit's karcher)
+    base_is_input: bool = False
     doc: str = ""
 
     def model_param(self, name: str) -> ParamDef | None:

@@ -33,18 +33,28 @@ class Term:
     owned: bool = False
 
 
+def accumulate(acc: torch.Tensor | None, x: torch.Tensor, coef: float, *, owned: bool = False) -> torch.Tensor:
+    """``acc + coef * x``, in place; the first term starts the sum (saves a zero-fill
+    pass), reusing ``x`` itself when it is scratch (``owned``)."""
+    if acc is None:
+        return x.mul_(coef) if owned else torch.mul(x, coef)
+    return acc.add_(x, alpha=coef)
+
+
 def elect_sign(terms: list[Term], method: str = "sum") -> torch.Tensor:
     """Float +1/-1 per entry; ties (a zero sum) elect +1, as mergekit does."""
-    votes = torch.zeros_like(terms[0].tensor)
+    if method not in CONSENSUS_METHODS:
+        raise ValueError(f"unknown consensus method {method!r}")
+    votes: torch.Tensor | None = None
     for t in terms:
         if t.coef == 0:
             continue
         if method == "sum":
-            votes.add_(t.tensor, alpha=t.coef)
-        elif method == "count":
-            votes.add_(torch.sign(t.tensor), alpha=1.0 if t.coef > 0 else -1.0)
+            votes = accumulate(votes, t.tensor, t.coef)
         else:
-            raise ValueError(f"unknown consensus method {method!r}")
+            votes = accumulate(votes, torch.sign(t.tensor), 1.0 if t.coef > 0 else -1.0)
+    if votes is None:
+        return torch.ones_like(terms[0].tensor)
     return torch.ge(votes, 0, out=votes).mul_(2).sub_(1)
 
 
@@ -55,8 +65,8 @@ def agreeing_sum(terms: list[Term], sign: torch.Tensor, *, with_divisor: bool
     ``sign`` is consumed (reused as scratch). A zero divisor is left zero: the
     caller decides what to replace it with.
     """
-    total = torch.zeros_like(sign)
-    divisor = torch.zeros_like(sign) if with_divisor else None
+    total: torch.Tensor | None = None
+    divisor: torch.Tensor | None = None
     scratch: torch.Tensor | None = None
     for t in terms:
         if t.coef == 0:
@@ -72,8 +82,11 @@ def agreeing_sum(terms: list[Term], sign: torch.Tensor, *, with_divisor: bool
             y.clamp_(min=0)
         else:
             y.clamp_(max=0)
-        total.add_(y, alpha=t.coef)
-        if divisor is not None:
-            divisor.add_(torch.ne(y, 0, out=y), alpha=t.weight)
-    total.mul_(sign)
-    return total, divisor
+        total = accumulate(total, y, t.coef)
+        if with_divisor:
+            divisor = accumulate(divisor, torch.ne(y, 0, out=y), t.weight)
+    if total is None:  # every coefficient is zero
+        total = torch.zeros_like(sign)
+    if with_divisor and divisor is None:
+        divisor = torch.zeros_like(sign)
+    return total.mul_(sign), divisor

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from evomerge.methods._util import check_count, gparam
+from evomerge.methods._util import check_count, flat_dot, flat_norm, gparam
 from evomerge.methods.base import MergeInputs, MergeMethod, ParamDef, register
 
 MAX_ITER = ParamDef("max_iter", 10, 0, None, kind=int)
@@ -23,7 +23,7 @@ def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], *, max_iter: 
                  tol: float = 1e-5) -> torch.Tensor:
     if len(tensors) == 1:
         return tensors[0].clone()
-    norms = [float(torch.linalg.vector_norm(x)) for x in tensors]
+    norms = [flat_norm(x) for x in tensors]
     valid = [i for i, nv in enumerate(norms) if nv > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
@@ -34,24 +34,24 @@ def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], *, max_iter: 
     mean = torch.zeros_like(units[0])
     for ai, u in zip(a, units):
         mean.add_(u, alpha=ai)
-    mn = float(torch.linalg.vector_norm(mean))
+    mn = flat_norm(mean)
     mean = units[0].clone() if mn < tol else mean.div_(mn)
 
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
         for ai, u in zip(a, units):
-            dot = min(1.0, max(-1.0, float(torch.dot(mean.reshape(-1), u.reshape(-1)))))
+            dot = min(1.0, max(-1.0, flat_dot(mean, u)))
             theta = math.acos(dot)
             if theta < tol:
                 continue
             # log map of u at mean: theta/sin(theta) * (u - dot*mean)
             coef = ai * theta / math.sin(theta)
             tangent.add_(u, alpha=coef).add_(mean, alpha=-coef * dot)
-        tn = float(torch.linalg.vector_norm(tangent))
+        tn = flat_norm(tangent)
         if tn < tol:
             break
         mean = mean.mul_(math.cos(tn)).add_(tangent, alpha=math.sin(tn) / tn)
-        un = float(torch.linalg.vector_norm(mean))
+        un = flat_norm(mean)
         if un > tol:
             mean.div_(un)
     scale = sum(al * nv for al, nv in zip(alphas, norms))
@@ -65,7 +65,7 @@ def karcher_merge(inputs: MergeInputs) -> torch.Tensor:
 
 
 register(MergeMethod(
-    name="karcher", merge=karcher_merge, needs_base=False,
+    name="karcher", merge=karcher_merge, needs_base=False, base_is_input=True,
     global_params=(MAX_ITER, TOL),
     doc="Karcher mean of the models on the hypersphere (https://arxiv.org/abs/2603.04972).",
 ))

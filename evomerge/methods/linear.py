@@ -29,14 +29,14 @@ def linear_merge(inputs: MergeInputs) -> torch.Tensor:
         )
     if inputs.has_deltas and inputs.base is not None:
         # sum(w_i (b + d_i)) = W*b + sum(w_i d_i): no model is rebuilt from its delta
-        out = torch.zeros_like(inputs.base)
-        for w, d in zip(weights, inputs.deltas):
+        out = torch.mul(inputs.deltas[0], weights[0])
+        for w, d in zip(weights[1:], inputs.deltas[1:]):
             out.add_(d, alpha=w)
         if normalize:
             return out.div_(total).add_(inputs.base)
         return out.add_(inputs.base, alpha=total)
-    out = torch.zeros_like(inputs.models[0])
-    for w, m in zip(weights, inputs.models):
+    out = torch.mul(inputs.models[0], weights[0])
+    for w, m in zip(weights[1:], inputs.models[1:]):
         out.add_(m, alpha=w)
     return out.div_(total) if normalize else out
 

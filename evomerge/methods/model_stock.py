@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.methods._util import check_count, gparam, need_base
+from evomerge.methods._util import check_count, gparam, need_base, row_dot
 from evomerge.methods.base import MergeInputs, MergeMethod, ParamDef, register
 
 FILTER_WISE = ParamDef("filter_wise", False, kind=bool)
@@ -24,15 +24,15 @@ def model_stock_merge(inputs: MergeInputs) -> torch.Tensor:
         offsets = [d.reshape(1, -1) if d.dim() <= 1 else d for d in inputs.deltas]
     else:
         offsets = [d.reshape(-1) for d in inputs.deltas]
-    norms = [torch.linalg.vector_norm(d, dim=-1) for d in offsets]
+    norms = [row_dot(d, d).sqrt_() for d in offsets]
     cos_sum = torch.zeros_like(norms[0])
     pairs = 0
     for i in range(n):
         for j in range(i + 1, n):
-            dot = (offsets[i] * offsets[j]).sum(dim=-1)
+            dot = row_dot(offsets[i], offsets[j])
             cos_sum += (dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
             pairs += 1
-    cos = (cos_sum / pairs).unsqueeze(-1)
+    cos = cos_sum / pairs
     denom = 1 + (n - 1) * cos
     singular = denom.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(denom), denom))

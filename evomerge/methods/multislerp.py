@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from evomerge.methods._util import check_count, gparam, merge_error, mparam
+from evomerge.methods._util import check_count, flat_dot, flat_norm, gparam, merge_error, mparam
 from evomerge.methods.base import MergeInputs, MergeMethod, ParamDef, register
 
 WEIGHT = ParamDef("weight")
@@ -39,11 +39,11 @@ def multislerp_merge(inputs: MergeInputs) -> torch.Tensor:
     base = inputs.base
     vecs = inputs.deltas if base is not None else inputs.models
 
-    norms = [float(torch.linalg.vector_norm(v)) for v in vecs]
+    norms = [flat_norm(v) for v in vecs]
     mean = torch.zeros_like(vecs[0])
     for w, v, nv in zip(weights, vecs, norms):
         mean.add_(v, alpha=w / (nv + eps))
-    mean_norm = float(torch.linalg.vector_norm(mean))
+    mean_norm = flat_norm(mean)
     if mean_norm < eps:
         if n == 2:  # antipodal pair: fall back to the linear combination, as mergekit
             out = torch.mul(vecs[0], weights[0]).add_(vecs[1], alpha=weights[1])
@@ -56,9 +56,9 @@ def multislerp_merge(inputs: MergeInputs) -> torch.Tensor:
     tangent = torch.zeros_like(mean)
     for w, v, nv in zip(weights, vecs, norms):
         unit = v / (nv + eps)
-        dot = float(torch.dot(unit.reshape(-1), mean.reshape(-1)))
+        dot = flat_dot(unit, mean)
         tangent.add_(unit.sub_(mean, alpha=dot), alpha=w)
-    tn = float(torch.linalg.vector_norm(tangent)) + eps
+    tn = flat_norm(tangent) + eps
     out = mean.mul_(math.cos(tn)).add_(tangent, alpha=math.sin(tn) / tn)
     out.mul_(sum(nv * w for nv, w in zip(norms, weights)))
     return out.add_(base) if base is not None else out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.methods._util import check_count, gparam, mparam
+from evomerge.methods._util import check_count, gparam, mparam, row_dot
 from evomerge.methods.base import MergeInputs, MergeMethod, ParamDef, register
 
 WEIGHT = ParamDef("weight")
@@ -25,9 +25,9 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dim: int = -1, flat
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
     elif dim != -1:
         v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
-    n0 = torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp_(min=1e-7)
-    n1 = torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp_(min=1e-7)
-    cos = ((v0 / n0) * (v1 / n1)).sum(dim=-1, keepdim=True).clamp_(-1, 1)
+    n0 = row_dot(v0, v0).sqrt_().clamp_(min=1e-7)
+    n1 = row_dot(v1, v1).sqrt_().clamp_(min=1e-7)
+    cos = (row_dot(v0, v1) / (n0 * n1)).clamp_(-1, 1)
     colinear = (1 - cos.square()) <= eps**2
     theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
     sin = torch.where(colinear, torch.ones_like(theta), torch.sin(theta))

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from evomerge.methods._util import check_count, gparam, need_base
+from evomerge.methods._util import check_count, flat_dot, flat_norm, gparam, need_base
 from evomerge.methods.base import MergeInputs, MergeMethod, ParamDef, register
 
 T = ParamDef("t", None, 0.0, 1.0)
@@ -22,14 +22,12 @@ _EPS = 1e-8
 
 def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float]:
     """``(c0, c1)`` with ``slerp(t, v0, v1) = c0 * v0 + c1 * v1``."""
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    if a.numel() == 0:
+    if v0.numel() == 0:
         return 1.0 - t, t
-    na = float(torch.linalg.vector_norm(a))
-    nb = float(torch.linalg.vector_norm(b))
+    na, nb = flat_norm(v0), flat_norm(v1)
     na = na if na > _EPS else 1.0
     nb = nb if nb > _EPS else 1.0
-    dot = float(torch.dot(a, b)) / na / nb
+    dot = flat_dot(v0, v1) / na / nb
     dot = min(1.0, max(-1.0, dot))
     if abs(dot) > DOT_THRESHOLD:
         return 1.0 - t, t

@@ -1,10 +1,13 @@
 """Sparsifiers for task vectors: which entries of one model's delta survive.
 
 Four rules, with mergekit's names: ``magnitude`` (TIES: the top ``density``
-fraction by |delta|), ``random`` (DARE: keep each entry with probability
+fraction by |delta|), ``random`` (:func:`dare`: keep each entry with probability
 ``density``), ``magnitude_outliers`` (Model Breadcrumbs: drop the ``gamma``
 largest, then the smallest, keep ``density``) and ``della_magprune`` (DELLA:
 keep probability rises linearly with the entry's magnitude rank in its row).
+Density >= 1 returns the delta itself (no copy, no rescale); density 0 keeps
+nothing; a positive density keeps at least one entry under ``magnitude`` only
+(mergekit 0.1.5: the others may keep none when ``int(density * n) == 0``).
 
 Why thresholds instead of top-k indices: a candidate then costs a few float
 elementwise passes; with :attr:`SparsifyAux.sorted_abs` the threshold is a
@@ -29,11 +32,13 @@ Candidate-independent precomputation (:func:`prepare_aux`), read when present:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from evomerge.errors import MergeError
+from evomerge.methods._util import flat_norm
 from evomerge.methods.base import MergeMethod, SparsifyAux
 
 RESCALE_NORMS = ("l1", "l2", "linf", "probability")
@@ -63,10 +68,15 @@ def ascending_abs_at(delta: torch.Tensor, index: int, aux: SparsifyAux | None) -
     return float(torch.kthvalue(delta.abs().reshape(-1), index + 1).values)
 
 
-def _abs_ge(delta: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Float 0/1 mask of |delta| >= threshold (float-only ops: bool ones are 5-10x slower here)."""
-    mask = torch.abs(delta)
-    return torch.ge(mask, threshold, out=mask)
+def _keep_abs_ge(delta: torch.Tensor, threshold: float) -> torch.Tensor:
+    """A copy of delta with the entries below ``threshold`` in magnitude zeroed.
+
+    ``hardshrink`` keeps ``|x| > lambd`` in one float pass (2.5x faster than
+    abs + compare + multiply here); ``lambd`` is the float32 just below the
+    threshold, so exactly-equal entries are kept.
+    """
+    below = torch.nextafter(torch.tensor(threshold, dtype=torch.float32), torch.tensor(-math.inf))
+    return torch.nn.functional.hardshrink(delta, max(float(below), 0.0))
 
 
 def _zeros(delta: torch.Tensor) -> Kept:
@@ -75,12 +85,16 @@ def _zeros(delta: torch.Tensor) -> Kept:
 
 # ---- rescale ------------------------------------------------------------------------
 def norm_of(t: torch.Tensor, norm: str) -> float:
+    """L1 as ``abs().sum()`` (as mergekit; torch's vector_norm(ord=1) drifts ~1e-3 on
+    large float32 tensors), L2 via BLAS dot, Linf as the largest magnitude."""
+    if t.numel() == 0:
+        return 0.0
     if norm == "l1":
-        return float(torch.linalg.vector_norm(t, 1))
+        return float(t.abs().sum())
     if norm == "l2":
-        return float(torch.linalg.vector_norm(t, 2))
+        return flat_norm(t)
     if norm == "linf":
-        return float(torch.linalg.vector_norm(t, float("inf"))) if t.numel() else 0.0
+        return float(t.abs().max())
     raise ValueError(f"unknown rescale norm {norm!r}")
 
 
@@ -118,8 +132,7 @@ def magnitude(delta: torch.Tensor, density: float, *, aux: SparsifyAux | None = 
     if density <= 0 or n == 0:
         return _zeros(delta)
     k = max(1, int(density * n))
-    threshold = ascending_abs_at(delta, n - k, aux)
-    kept = _abs_ge(delta, threshold).mul_(delta)
+    kept = _keep_abs_ge(delta, ascending_abs_at(delta, n - k, aux))
     return _finish(kept, delta, density, rescale, aux)
 
 
@@ -135,18 +148,10 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, *,
         return _zeros(delta)
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    absd = torch.abs(delta)
-    mask = absd
-    if n_bot + target < n:  # an upper cut exists
+    kept = _keep_abs_ge(delta, ascending_abs_at(delta, n_bot, aux))
+    if n_bot + target < n:  # drop the outliers: those above the kept band's largest magnitude
         hi = ascending_abs_at(delta, n_bot + target - 1, aux)
-        mask = torch.le(absd, hi, out=torch.empty_like(absd))
-    if n_bot > 0:
-        lo = ascending_abs_at(delta, n_bot, aux)
-        lower = torch.ge(absd, lo, out=absd)
-        mask = lower if mask is absd else mask.mul_(lower)
-    elif mask is absd:  # neither cut: cannot happen for density < 1, kept for safety
-        mask.fill_(1.0)
-    kept = mask.mul_(delta)
+        kept.sub_(torch.nn.functional.hardshrink(delta, hi))
     return _finish(kept, delta, density, rescale, aux)
 
 

@@ -40,7 +40,7 @@ import torch
 from evomerge.methods import sparsify as sp
 from evomerge.methods._util import gparam, merge_error, mparam, need_base
 from evomerge.methods.base import MergeInputs, MergeMethod, ParamDef, register
-from evomerge.methods.consensus import CONSENSUS_METHODS, Term, agreeing_sum, elect_sign
+from evomerge.methods.consensus import CONSENSUS_METHODS, Term, accumulate, agreeing_sum, elect_sign
 
 WEIGHT = ParamDef("weight")
 DENSITY = ParamDef("density", 1.0, 0.0, 1.0)
@@ -103,10 +103,11 @@ def generalized_task_arithmetic(inputs: MergeInputs, *, sparsification: str | No
             divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor)))  # 0 -> 1
             mixed.div_(divisor)
     else:
-        mixed = torch.zeros_like(base)
+        acc: torch.Tensor | None = None
         for t in terms:
             if t.coef != 0:
-                mixed.add_(t.tensor, alpha=t.coef)
+                acc = accumulate(acc, t.tensor, t.coef, owned=t.owned)
+        mixed = torch.zeros_like(base) if acc is None else acc
         if normalize:
             total = sum(t.weight for t in terms)
             if abs(total) >= _DIVISOR_EPS:
