@@ -215,3 +215,28 @@ def test_reads_pytorch_bin_checkpoints(llama, tmp_path):
     src = _state(fts[0])
     assert set(ck.tensor_names()) == set(src)
     assert torch.equal(ck.get("model.norm.weight"), src["model.norm.weight"])
+
+
+FUSED_CASES = [
+    ("ties", [{"weight": 0.5, "density": 0.4}, {"weight": 0.3, "density": 0.8}, {"weight": -0.2, "density": 0.6}], {}),
+    ("dare_ties", [{"weight": 0.5, "density": 0.4}, {"weight": 0.3, "density": 1.0}, {"weight": 0.2, "density": 0.6}], {}),
+    ("breadcrumbs", [{"weight": 0.5, "density": 0.6, "gamma": 0.05}] * 3, {"rescale": True, "rescale_norm": "probability"}),
+]
+
+
+@pytest.mark.parametrize("method,params,glob", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
+def test_fused_kernel_matches_eager(llama, method, params, glob):
+    """The one-pass compiled kernel computes the eager formula (float32 rounding aside)."""
+    base, fts = llama
+    r = _recipe(method, base, fts, params, glob)
+    eager = PreparedMerge(r, fused=False, progress=False).state_dict()
+    engine = PreparedMerge(r, fused=True, progress=False)
+    assert engine.fused, "the fused kernel fell back to eager torch"
+    for name, t in engine.state_dict().items():
+        torch.testing.assert_close(t, eager[name], rtol=1e-6, atol=1e-7, msg=name)
+    # a second candidate through the same compiled kernel (no recompile, new values)
+    r2 = _recipe(method, base, fts, [{**p, "weight": 0.9 - 0.3 * i} for i, p in enumerate(params)], glob)
+    engine.apply(r2)
+    eager2 = PreparedMerge(r2, fused=False, progress=False).state_dict()
+    for name, t in engine.state_dict().items():
+        torch.testing.assert_close(t, eager2[name], rtol=1e-6, atol=1e-7, msg=name)

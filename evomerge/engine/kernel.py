@@ -17,6 +17,7 @@ from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import MergeError
 from evomerge.methods import MergeInputs, SparsifyAux
+from evomerge.methods import fused as fused_kernels
 
 
 def stable_seed(seed: int, tensor_name: str, model_index: int) -> int:
@@ -39,14 +40,24 @@ def run_job(
     models: list[torch.Tensor] | None = None,
     deltas: list[torch.Tensor] | None = None,
     aux: list[SparsifyAux] | None = None,
+    out: torch.Tensor | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
-    """Resolve the job's parameters under ``recipe`` and run the method on float32 inputs."""
+    """Resolve the job's parameters under ``recipe`` and run the method on float32 inputs.
+
+    With ``out`` the result is written there (the live parameter); with ``fused``
+    the method's one-pass kernel writes it directly (see :mod:`evomerge.methods.fused`).
+    """
     model_params, params = plan.resolve(job, recipe)
     inputs = MergeInputs(
         base=base, models=models, deltas=deltas, model_params=model_params, params=params,
         tensor_name=job.out_name, aux=aux,
     )
-    out = plan.method.merge(inputs)
+    if fused and out is not None:
+        fused_kernels.merge_into(plan.method, inputs, out)
+    else:
+        result = plan.method.merge(inputs)
+        out = result if out is None else out.copy_(result)
     if not torch.isfinite(out.sum()):
         raise MergeError(
             f"{recipe.source_file}: merging tensor {job.out_name!r} produced NaN or infinite values; "

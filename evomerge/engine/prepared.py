@@ -22,6 +22,7 @@ Memory modes (``memory=``):
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import psutil
@@ -36,6 +37,7 @@ from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import MergeError
 from evomerge.methods import SparsifyAux
+from evomerge.methods.fused import fusable
 from evomerge.methods.sparsify import prepare_aux
 
 MEMORY_MODES = ("auto", "device", "host", "disk")
@@ -78,6 +80,7 @@ class PreparedMerge:
         model_dtype: torch.dtype = torch.float32,
         progress: bool = True,
         trust_remote_code: bool = False,
+        fused: bool | str = "auto",
     ) -> None:
         if memory not in MEMORY_MODES:
             raise MergeError(f"memory mode {memory!r} is unknown; use one of {', '.join(MEMORY_MODES)}.")
@@ -92,6 +95,7 @@ class PreparedMerge:
         if self.memory != "disk":
             for job in tqdm(self.plan.jobs, desc="preparing", unit="tensor", disable=not progress):
                 self._resident[job.out_name] = self._prepare(job)
+        self.fused = self._choose_fused(fused)
         self.model = self._build_model(trust_remote_code)
         self._params = {job.out_name: self.model.get_parameter(job.out_name) for job in self.plan.jobs
                         if job.out_name in self._param_names}
@@ -119,6 +123,16 @@ class PreparedMerge:
                 return "device"
             return "host" if need < host_free else "disk"
         return "device" if need < host_free else "disk"
+
+    def _choose_fused(self, fused: bool | str) -> bool:
+        """One-pass compiled kernels where the method has one and the model is big enough to repay
+        the compile (~20 s once per process); eager torch otherwise, and as the fallback."""
+        ok = self.plan.method.needs_base and fusable(self.plan.method)
+        if fused == "auto":
+            return ok and (self.device.type == "cuda" or self._bytes_needed() > 1_000_000_000)
+        if fused and not ok:
+            raise MergeError(f"merge_method {self.plan.method.name!r} has no fused kernel; use fused=False.")
+        return bool(fused)
 
     def _load(self, ref_name: tuple[str, str], device: torch.device) -> torch.Tensor:
         ref, name = ref_name
@@ -228,11 +242,17 @@ class PreparedMerge:
             if param is None:
                 continue  # a tied tensor already written through its twin
             base, inputs, aux = self._inputs(job, recipe)
-            if self._needs_base:
-                out = run_job(self.plan, job, recipe, base=base, deltas=inputs, aux=aux)
-            else:
-                out = run_job(self.plan, job, recipe, base=base, models=inputs, aux=aux)
-            param.copy_(out)
+            views = {"deltas": inputs} if self._needs_base else {"models": inputs}
+            try:
+                run_job(self.plan, job, recipe, base=base, aux=aux, out=param, fused=self.fused, **views)
+            except MergeError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a compiler failure falls back to eager torch
+                if not self.fused:
+                    raise
+                warnings.warn(f"fused merge kernel unavailable ({type(exc).__name__}: {exc}); using eager torch")
+                self.fused = False
+                run_job(self.plan, job, recipe, base=base, aux=aux, out=param, **views)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return ApplyTiming(seconds=time.perf_counter() - start, tensors=len(self._params))
