@@ -225,7 +225,7 @@ FUSED_CASES = [
 
 
 @pytest.mark.parametrize("method,params,glob", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
-def test_fused_kernel_matches_eager(llama, method, params, glob):
+def test_fused_kernel_matches_eager(llama, tmp_path, method, params, glob):
     """The one-pass compiled kernel computes the eager formula (float32 rounding aside)."""
     base, fts = llama
     r = _recipe(method, base, fts, params, glob)
@@ -233,6 +233,9 @@ def test_fused_kernel_matches_eager(llama, method, params, glob):
     engine = PreparedMerge(r, fused=True, progress=False)
     assert engine.fused, "the fused kernel fell back to eager torch"
     for name, t in engine.state_dict().items():
+        torch.testing.assert_close(t, eager[name], rtol=1e-6, atol=1e-7, msg=name)
+    oneshot = _state(merge_to_dir(r, tmp_path / "fused", out_dtype="float32", fused=True, progress=False))
+    for name, t in oneshot.items():
         torch.testing.assert_close(t, eager[name], rtol=1e-6, atol=1e-7, msg=name)
     # a second candidate through the same compiled kernel (no recompile, new values)
     r2 = _recipe(method, base, fts, [{**p, "weight": 0.9 - 0.3 * i} for i, p in enumerate(params)], glob)

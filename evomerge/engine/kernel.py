@@ -80,3 +80,30 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu or auto.")
     return dev
+
+
+FUSE_ABOVE_BYTES = 1_000_000_000
+
+
+def choose_fused(plan: MergePlan, device: torch.device, fused: bool | str, input_bytes: int) -> bool:
+    """Whether to run the method's one-pass compiled kernel.
+
+    ``auto``: where the method has one and the inputs are large enough (or on a GPU) to repay the
+    compile (~20 s the first time on a CPU, seconds once torch's on-disk cache holds it).
+    """
+    ok = plan.method.needs_base and fused_kernels.fusable(plan.method)
+    if fused == "auto":
+        return ok and (device.type == "cuda" or input_bytes > FUSE_ABOVE_BYTES)
+    if fused and not ok:
+        raise MergeError(f"merge_method {plan.method.name!r} has no fused kernel; use fused: false.")
+    return bool(fused)
+
+
+def input_bytes(plan: MergePlan) -> int:
+    """Bytes of float32 inputs (base and every merged model) the plan reads."""
+    total = 0
+    for job in plan.jobs:
+        ref, name = job.base or job.models[0]
+        numel = int(torch.Size(plan.checkpoints[ref].shape(name)).numel())
+        total += numel * 4 * (len(job.models) + (job.base is not None))
+    return total

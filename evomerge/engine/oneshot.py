@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evomerge.checkpoints.writer import dtype_name, parse_dtype, parse_size, write_model_dir
-from evomerge.engine.kernel import random_aux, resolve_device, run_job
+from evomerge.engine.kernel import choose_fused, input_bytes, random_aux, resolve_device, run_job
 from evomerge.engine.plan import MergePlan
 from evomerge.engine.recipe import Recipe
 from evomerge.export.card import model_card
@@ -28,7 +28,8 @@ def output_dtype(plan: MergePlan, override: str | None) -> torch.dtype:
     return parse_dtype(cfg.get("dtype") or cfg.get("torch_dtype") or "float32", "config dtype") or torch.float32
 
 
-def merged_tensors(plan: MergePlan, device: torch.device, dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_tensors(plan: MergePlan, device: torch.device, dtype: torch.dtype, progress: bool = True,
+                   fused: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     recipe = plan.recipe
 
     def load(ref_name: tuple[str, str]) -> torch.Tensor:
@@ -39,7 +40,8 @@ def merged_tensors(plan: MergePlan, device: torch.device, dtype: torch.dtype, pr
         base = None if job.base is None else load(job.base)
         models = [load(m) for m in job.models]
         aux = random_aux(plan, job, recipe.seed, models[0].shape, device)
-        out = run_job(plan, job, recipe, base=base, models=models, aux=aux)
+        out = torch.empty(models[0].shape, dtype=dtype, device=device) if fused else None
+        out = run_job(plan, job, recipe, base=base, models=models, aux=aux, out=out, fused=fused)
         yield job.out_name, out.to(dtype).cpu()
 
 
@@ -52,11 +54,13 @@ def merge_to_dir(
     shard_size: str | int = "2GB",
     progress: bool = True,
     trust_remote_code: bool = False,
+    fused: bool | str = "auto",
 ) -> Path:
     plan = MergePlan(recipe, trust_remote_code=trust_remote_code)
     plan.check()
     dev = resolve_device(device)
     dtype = output_dtype(plan, out_dtype)
+    use_fused = choose_fused(plan, dev, fused, input_bytes(plan))
     config = dict(plan.out_config)
     config["dtype"] = dtype_name(dtype)
     config.pop("torch_dtype", None)
@@ -65,7 +69,7 @@ def merge_to_dir(
     tok_dir = tok_ckpt.tokenizer_dir if tok_ckpt is not None else Path(tok_ref)  # type: ignore[arg-type]
     return write_model_dir(
         out_dir,
-        merged_tensors(plan, dev, dtype, progress),
+        merged_tensors(plan, dev, dtype, progress, use_fused),
         config=config,
         tokenizer_source=tok_dir,
         recipe_yaml=recipe.to_yaml(),

@@ -32,12 +32,11 @@ from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from evomerge.engine.kernel import random_aux, resolve_device, run_job
+from evomerge.engine.kernel import choose_fused, input_bytes, random_aux, resolve_device, run_job
 from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import MergeError
 from evomerge.methods import SparsifyAux
-from evomerge.methods.fused import fusable
 from evomerge.methods.sparsify import prepare_aux
 
 MEMORY_MODES = ("auto", "device", "host", "disk")
@@ -95,7 +94,7 @@ class PreparedMerge:
         if self.memory != "disk":
             for job in tqdm(self.plan.jobs, desc="preparing", unit="tensor", disable=not progress):
                 self._resident[job.out_name] = self._prepare(job)
-        self.fused = self._choose_fused(fused)
+        self.fused = choose_fused(self.plan, self.device, fused, input_bytes(self.plan))
         self.model = self._build_model(trust_remote_code)
         self._params = {job.out_name: self.model.get_parameter(job.out_name) for job in self.plan.jobs
                         if job.out_name in self._param_names}
@@ -103,14 +102,11 @@ class PreparedMerge:
 
     # ---- preparation ---------------------------------------------------------------
     def _bytes_needed(self) -> int:
+        """Resident bytes: the inputs, plus sorted magnitudes and uniform draws per merged model."""
         m = self.plan.method
-        per_elem = 4 * (1 + len(self.plan.jobs[0].models) * (1 + int(m.uses_sorted_abs) + int(m.uses_uniforms)))
-        numel = 0
-        for job in self.plan.jobs:
-            ref, name = job.base or job.models[0]
-            shape = self.plan.checkpoints[ref].shape(name)
-            numel += int(torch.Size(shape).numel())
-        return numel * per_elem
+        n = len(self.plan.jobs[0].models)
+        extra = n * (int(m.uses_sorted_abs) + int(m.uses_uniforms)) / (n + 1)
+        return int(input_bytes(self.plan) * (1 + extra))
 
     def _choose_memory(self, memory: str) -> str:
         if memory != "auto":
@@ -123,16 +119,6 @@ class PreparedMerge:
                 return "device"
             return "host" if need < host_free else "disk"
         return "device" if need < host_free else "disk"
-
-    def _choose_fused(self, fused: bool | str) -> bool:
-        """One-pass compiled kernels where the method has one and the model is big enough to repay
-        the compile (~20 s once per process); eager torch otherwise, and as the fallback."""
-        ok = self.plan.method.needs_base and fusable(self.plan.method)
-        if fused == "auto":
-            return ok and (self.device.type == "cuda" or self._bytes_needed() > 1_000_000_000)
-        if fused and not ok:
-            raise MergeError(f"merge_method {self.plan.method.name!r} has no fused kernel; use fused=False.")
-        return bool(fused)
 
     def _load(self, ref_name: tuple[str, str], device: torch.device) -> torch.Tensor:
         ref, name = ref_name
