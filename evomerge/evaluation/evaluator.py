@@ -1,0 +1,222 @@
+"""Score an in-memory model on lm-eval tasks, many times, cheaply.
+
+A merge search evaluates hundreds of candidates that differ only in their weights.
+Everything that does not depend on the weights is therefore built once per process
+and reused: the TaskManager (indexing lm-eval's ~14,700 built-in tasks costs 15 s,
+so it is skipped unless a built-in task is actually named), the task dict of each
+split (datasets, filters, metrics), and the HFLM wrapper around the live model
+(weights are changed in place by the merge engine, and lm-eval reads them at every
+forward pass). ``lm_eval.evaluator.evaluate`` is called directly: ``simple_evaluate``
+spends about a second per call on environment logging and reseeds global RNGs.
+
+Split selection: ``split="test"`` evaluates each task exactly as its YAML says (for
+evomerge's tasks that is the held-out ``test`` split; for a user's or a built-in
+task, whatever split lm-eval would score). Any other split name, e.g. ``"search"``,
+is passed to lm-eval as an override of the task config's ``test_split`` when that
+split's task dict is built, so one YAML serves every split and the datasets are
+not copied. A task whose data has no split of that name is a user error.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import logging
+import time
+from typing import Any, Iterator
+
+from evomerge.errors import ConfigError
+
+_NOISY = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in _NOISY)
+
+
+def quiet_lm_eval() -> None:
+    """lm-eval logs every task, request type and metric at INFO: keep warnings only."""
+    for name in ("lm_eval", "lm-eval"):
+        log = logging.getLogger(name)
+        log.setLevel(logging.WARNING)
+        if not any(isinstance(f, _DropNoise) for f in log.filters):
+            log.addFilter(_DropNoise())
+    for name in ("lm_eval.models.huggingface", "lm_eval.api.task", "lm_eval.evaluator"):
+        logging.getLogger(name).addFilter(_DropNoise())
+
+
+def _quiet_hflm_class() -> type:
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        """HFLM without per-call progress bars: a search makes hundreds of calls."""
+
+        def loglikelihood(self, requests, disable_tqdm: bool = True):  # type: ignore[override]
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = True):  # type: ignore[override]
+            return super().generate_until(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):  # type: ignore[override]
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
+@contextlib.contextmanager
+def _no_request_bars() -> Iterator[None]:
+    """Silence the progress bar lm-eval draws while building each task's requests.
+
+    ``Task.build_all_requests`` draws it unconditionally (no argument turns it off),
+    once per task per call: hundreds of bars in a search. The module's ``tqdm`` name
+    is swapped for a disabled one for the duration of the call only.
+    """
+    import lm_eval.api.task as task_mod
+
+    original = task_mod.tqdm
+    task_mod.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        task_mod.tqdm = original
+
+
+def _flatten(task_result: dict[str, Any]) -> dict[str, float]:
+    """``{"exact_match,final_answer": 0.5, ...}`` -> ``{"exact_match": 0.5}``.
+
+    The filter suffix is dropped unless two filters report the same metric.
+    """
+    pairs = []
+    for key, value in task_result.items():
+        if key in ("alias", "sample_len") or "_stderr" in key or not isinstance(value, (int, float)):
+            continue
+        metric, _, filt = key.partition(",")
+        pairs.append((metric, filt, float(value)))
+    counts: dict[str, int] = {}
+    for metric, _, _ in pairs:
+        counts[metric] = counts.get(metric, 0) + 1
+    return {(m if counts[m] == 1 else f"{m},{f}"): v for m, f, v in pairs}
+
+
+class Evaluator:
+    """Scores an in-memory transformers model on lm-eval tasks; build once per process."""
+
+    def __init__(
+        self,
+        tokenizer,
+        tasks: list[str],
+        *,
+        include_paths: list[str] | None = None,
+        batch_size: int = 32,
+        device: str = "cpu",
+        max_gen_toks: int | None = None,
+    ) -> None:
+        if not tasks:
+            raise ConfigError("Evaluator: no tasks given; name at least one lm-eval task.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(
+                f"Evaluator: batch_size must be a positive integer, got {batch_size!r} "
+                "('auto' re-detects on every model wrapper and costs minutes on CPU)."
+            )
+        quiet_lm_eval()
+        self.tokenizer = tokenizer
+        self.tasks = list(tasks)
+        self.include_paths = [str(p) for p in include_paths or []]
+        self.batch_size = batch_size
+        self.device = device
+        self.max_gen_toks = max_gen_toks
+        self.task_manager = self._task_manager()
+        self._task_dicts: dict[str, dict[str, Any]] = {}
+        self._lm = None
+        self._lm_model_id: int | None = None
+        self.last_timing: dict[str, float] = {}
+
+    def _task_manager(self):
+        from lm_eval.tasks import TaskManager
+
+        tm = TaskManager(include_path=self.include_paths or None, include_defaults=False)
+        missing = [t for t in self.tasks if t not in tm.all_tasks]
+        if missing:  # a built-in task is named: pay the 15 s index once
+            logging.getLogger(__name__).info("indexing lm-eval's built-in tasks for %s", missing)
+            tm = TaskManager(include_path=self.include_paths or None, include_defaults=True)
+            missing = [t for t in self.tasks if t not in tm.all_tasks]
+        if missing:
+            hints = []
+            for t in missing:
+                close = difflib.get_close_matches(t, tm.all_tasks, n=3)
+                hints.append(f"{t!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+            where = ", ".join(self.include_paths) or "no include path"
+            raise ConfigError(
+                f"unknown lm-eval task(s) {', '.join(hints)}: not among lm-eval's built-in tasks "
+                f"nor in the task directories given ({where}). Check the name, or add the "
+                "directory holding its YAML to include_paths."
+            )
+        return tm
+
+    def task_dict(self, split: str) -> dict[str, Any]:
+        """The lm-eval task dict for a split, built on first use and reused after."""
+        if split not in self._task_dicts:
+            self._task_dicts[split] = self._build_task_dict(split)
+        return self._task_dicts[split]
+
+    def _build_task_dict(self, split: str) -> dict[str, Any]:
+        import datasets
+
+        if split == "test":
+            spec: Any = self.tasks
+        else:
+            spec = {"group": f"_evomerge_split_{split}",
+                    "task": [{"task": t, "test_split": split} for t in self.tasks]}
+        was_enabled = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        try:
+            loaded = self.task_manager.load(spec)
+        except KeyError as exc:
+            raise ConfigError(
+                f"a task in {self.tasks} has no split {split!r} in its data ({exc}). evomerge's "
+                "own tasks have 'search' and 'test'; for other tasks give the data a split of "
+                "that name, or evaluate with split='test' (the task's own evaluation split)."
+            ) from None
+        finally:
+            if was_enabled:
+                datasets.enable_progress_bars()
+        tasks = loaded["tasks"]
+        if self.max_gen_toks is not None:
+            for task in tasks.values():
+                if task.OUTPUT_TYPE == "generate_until":
+                    gk = dict(task.config.generation_kwargs or {})
+                    gk["max_gen_toks"] = self.max_gen_toks
+                    task.config.generation_kwargs = gk
+        return {"tasks": tasks, "groups": {}, "group_map": {}}
+
+    def lm(self, model):
+        """The HFLM wrapping ``model``: made once, rebuilt only for a different model object."""
+        if self._lm is None or self._lm_model_id != id(model):
+            self._lm = _quiet_hflm_class()(
+                pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size,
+                device=self.device,
+            )
+            self._lm_model_id = id(model)
+        return self._lm
+
+    def evaluate(
+        self, model, split: str = "search", limit: int | float | None = None
+    ) -> dict[str, dict[str, float]]:
+        """task name -> {metric name: value}. Weights may change in place between calls."""
+        from lm_eval.evaluator import evaluate
+
+        t0 = time.perf_counter()
+        task_dict = self.task_dict(split)
+        lm = self.lm(model)
+        model.eval()
+        t1 = time.perf_counter()
+        with _no_request_bars():
+            out = evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=0,
+                           log_samples=False, cache_requests=False)
+        t2 = time.perf_counter()
+        self.last_timing = {"setup_s": t1 - t0, "evaluate_s": t2 - t1}
+        return {name: _flatten(res) for name, res in out["results"].items()}

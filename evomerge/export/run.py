@@ -1,0 +1,145 @@
+"""What a finished (or interrupted) search leaves in its run directory.
+
+Everything here reads the Optuna study, not the process that ran it, which is
+why ``evomerge-export RUN_DIR --trial N`` can export any trial later, from any
+machine that sees the storage and the model directories.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.engine.recipe import Recipe
+from evomerge.errors import EvomergeError
+from evomerge.export.card import model_card
+
+STUDY_ATTR = "evomerge"  # study user attribute holding what rebuilds the genome
+
+
+def genome_from_study(study: optuna.Study) -> Any:
+    """The study's genome, rebuilt from what the search stored (no Hydra config needed)."""
+    from evomerge.search.genome import Genome, Layout
+    from evomerge.search.spec import parse_search
+
+    info = study.user_attrs.get(STUDY_ATTR)
+    if not info:
+        raise EvomergeError(f"study {study.study_name!r} was not written by evomerge (no {STUDY_ATTR!r} attribute).")
+    lay = info["layout"]
+    layout = Layout(lay["n_layers"], tuple(lay["pre"]), tuple(lay["post"]), tuple(lay["layer_names"]))
+    return Genome(parse_search(info["search"]), info["sources"], info["base"], layout, seed=info["seed"])
+
+
+def trial_recipe(genome: Any, trial: FrozenTrial) -> Recipe:
+    return genome.recipe(trial.params, seed=int(trial.user_attrs.get("seed", genome.seed)))
+
+
+def scores_markdown(label: str, rec: dict[str, Any], search_limit: Any) -> str:
+    """The model card's scores section: search and held-out test side by side."""
+    lines = ["## Scores", "", f"Candidate: **{rec.get('label') or label}**. Fitness is the weighted mean of the task "
+             f"metrics below.", "",
+             "| split | fitness |", "|---|---|"]
+    lines.append(f"| search ({'all items' if search_limit is None else f'limit {search_limit}'}) | {_f(rec.get('search_fitness'))} |")
+    if rec.get("search_full_fitness") is not None:
+        lines.append(f"| search (all items) | {_f(rec['search_full_fitness'])} |")
+    lines.append(f"| **test (held out)** | **{_f(rec.get('test_fitness'))}** |")
+    metrics = rec.get("test_metrics") or {}
+    if metrics:
+        lines += ["", "Held-out test metrics:", "", "| task | metric | value |", "|---|---|---|"]
+        for task, ms in metrics.items():
+            for m, v in ms.items():
+                if "stderr" not in m:
+                    lines.append(f"| {task} | {m} | {_f(v)} |")
+    lines += ["", "The test split was never used to choose this model: candidates were ranked on the search split only."]
+    return "\n".join(lines)
+
+
+def export_trial(genome: Any, trial: FrozenTrial, out_dir: Path, *, scores: dict[str, Any] | None, title: str,
+                 search_limit: Any = None, model: bool = True, device: str = "auto", progress: bool = True) -> Path:
+    """``out_dir/recipe.yaml`` and (``model``) ``out_dir/model/`` with a model card stating the scores."""
+    from evomerge.engine.oneshot import merge_to_dir
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recipe = trial_recipe(genome, trial)
+    recipe.source_file = str(out_dir / "recipe.yaml")
+    recipe.save(out_dir / "recipe.yaml")
+    if model:
+        model_dir = out_dir / "model"
+        if model_dir.exists():
+            import shutil
+
+            shutil.rmtree(model_dir)
+        merge_to_dir(recipe, model_dir, device=device, progress=progress)
+        sections = scores_markdown(title, scores, search_limit) if scores else ""
+        (model_dir / "README.md").write_text(model_card(recipe, title=title, sections=sections))
+    return out_dir
+
+
+def write_trials_csv(study: optuna.Study, path: Path) -> Path:
+    """One row per trial: number, state, parameters, fitness, per-task metrics, merge and eval seconds."""
+    from evomerge.search.driver import retry_of
+
+    trials = study.get_trials(deepcopy=False)
+    retried = retry_of(trials)
+    params = sorted({p for t in trials for p in t.params})
+    metric_cols = sorted({f"{task}/{m}" for t in trials for task, ms in (t.user_attrs.get("metrics") or {}).items()
+                          for m in ms if "stderr" not in m})
+    n_values = max((len(t.values or []) for t in trials), default=0)
+    final = {k.split(":", 1)[1]: v for k, v in study.user_attrs.items() if k.startswith("final:")}
+    head = ["number", "state", "baseline", "fitness", *[f"value_{i}" for i in range(n_values) if n_values > 1],
+            "first_fitness", "search_full_fitness", "test_fitness", "merge_s", "eval_s", "seed", "retry_of",
+            "fail_reason", *metric_cols, *params]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(head)
+        for t in trials:
+            ua = t.user_attrs
+            state = t.state.name + (" (retried)" if t.state == TrialState.FAIL and t.number in retried else "")
+            fitness = ua.get("fitness", t.values[0] if t.values and n_values == 1 else
+                             (t.value if t.state == TrialState.PRUNED and n_values <= 1 else ""))
+            rec = final.get(str(t.number), {})
+            metrics = ua.get("metrics") or {}
+            row = [t.number, state, ua.get("baseline", ""), _cell(fitness),
+                   *[_cell(t.values[i]) if t.values and i < len(t.values) else "" for i in range(n_values) if n_values > 1],
+                   _cell(t.intermediate_values.get(0)), _cell(rec.get("search_full")), _cell(rec.get("test")),
+                   ua.get("merge_s", ""), ua.get("eval_s", ""), ua.get("seed", ""), ua.get("retry_of", ""),
+                   ua.get("fail_reason", ""),
+                   *[_cell(metrics.get(c.split("/", 1)[0], {}).get(c.split("/", 1)[1])) for c in metric_cols],
+                   *[_cell(t.params.get(p)) for p in params]]
+            w.writerow(row)
+    return path
+
+
+def trial_counts(study: optuna.Study) -> dict[str, int]:
+    from evomerge.search.driver import retry_of
+
+    trials = study.get_trials(deepcopy=False)
+    retried = retry_of(trials)
+    counts: dict[str, int] = {}
+    for t in trials:
+        key = "FAIL_RETRIED" if t.state == TrialState.FAIL and t.number in retried else t.state.name
+        counts[key] = counts.get(key, 0) + 1
+    counts["finished"] = sum(v for k, v in counts.items() if k in ("COMPLETE", "PRUNED", "FAIL"))
+    return counts
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return path
+
+
+def _cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def _f(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.4f}"

@@ -1,0 +1,140 @@
+"""Exactly one final evaluation and export per study, and the note that lets any machine export later.
+
+Why a claim in the storage: every worker sees the budget met at about the same
+moment, and each could re-score the winners on the held-out split and export.
+The first worker to set the study's ``evomerge:final`` system attribute under
+the study mutex does it; the others exit and say who does. The claim carries
+a ``beat`` the exporter refreshes while it works, so a rerun can tell an
+exporter that died (beat frozen for a grace period) from one still working,
+and take over; the held-out scores already stored in the study are reused.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import optuna
+
+FINAL_ATTR = "evomerge:final"
+MANIFEST = "evomerge-study.json"
+
+
+def _get(study: optuna.Study) -> dict[str, Any] | None:
+    return study._storage.get_study_system_attrs(study._study_id).get(FINAL_ATTR)  # noqa: SLF001
+
+
+def _set(study: optuna.Study, record: dict[str, Any]) -> None:
+    study._storage.set_study_system_attr(study._study_id, FINAL_ATTR, record)  # noqa: SLF001
+
+
+def claim(study: optuna.Study, mutex: Any, worker: str, out_dir: Path, *, watch_s: float | None,
+          poll_s: float = 1.0) -> tuple[bool, dict[str, Any]]:
+    """(won, claim record). ``watch_s``: how long to watch an unfinished claim's beat before taking it over
+    (None: never take over; workers that just searched exit at once, only a rerun watches)."""
+    mine = {"worker": worker, "host": socket.gethostname(), "pid": os.getpid(), "dir": str(out_dir),
+            "since": datetime.datetime.now().isoformat(timespec="seconds"), "beat": time.time(), "done": False}
+    with mutex:
+        cur = _get(study)
+        if cur is None:
+            _set(study, mine)
+            return True, mine
+    if cur.get("done") or watch_s is None:
+        return False, cur
+    beat, deadline = cur.get("beat"), time.monotonic() + watch_s
+    while time.monotonic() < deadline:
+        time.sleep(poll_s)
+        now = _get(study) or {}
+        if now.get("done") or now.get("beat") != beat:
+            return False, now
+    with mutex:
+        now = _get(study) or {}
+        if now.get("done") or now.get("beat") != beat:
+            return False, now
+        mine["took_over_from"] = now.get("worker")
+        _set(study, mine)
+        return True, mine
+
+
+@contextmanager
+def beating(study: optuna.Study, record: dict[str, Any], interval: float) -> Iterator[None]:
+    """Refresh the claim's beat every ``interval`` seconds; on success mark it done."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                _set(study, {**record, "beat": time.time()})
+            except Exception:  # noqa: BLE001 - a missed beat only delays a takeover
+                pass
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    _set(study, {**record, "beat": time.time(), "done": True,
+                 "finished": datetime.datetime.now().isoformat(timespec="seconds")})
+
+
+def describe(record: dict[str, Any]) -> str:
+    state = "exported" if record.get("done") else "is exporting"
+    return f"worker {record.get('worker')} {state} the winner to {record.get('dir')}"
+
+
+# ---- the manifest: which storage and study a shared folder belongs to ---------------------------
+def write_manifest(out_dir: Path, study_name: str, storage_cfg: dict[str, Any]) -> Path:
+    """``out_dir/evomerge-study.json``: storage kind, journal path or password-free URL, study name."""
+    from evomerge.search.cluster.storage import password_free, postgres_url
+
+    kind = storage_cfg.get("kind", "sqlite")
+    entry: dict[str, Any] = {"kind": kind}
+    if kind == "postgres":
+        entry["url"] = password_free(postgres_url(storage_cfg))
+    else:
+        path = Path(storage_cfg.get("path") or ("study.journal" if kind == "journal" else "study.db"))
+        entry["path"] = str((path if path.is_absolute() else out_dir / path).resolve())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / MANIFEST
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"study_name": study_name, "storage": entry}, indent=2) + "\n")
+    tmp.replace(target)
+    return target
+
+
+def manifest(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def manifest_storage(run_dir: Path) -> Any | None:
+    """The storage a cluster sweep's shared folder names (``evomerge-export`` uses it), or None.
+
+    PostgreSQL: $EVOMERGE_STORAGE_URL when it names the same database (it may carry the password),
+    else the recorded password-free URL (libpq then reads PGPASSWORD or ~/.pgpass).
+    """
+    from evomerge.search.cluster.storage import ENV_URL, password_free
+    from evomerge.search.storage import make_storage
+
+    info = manifest(run_dir)
+    if info is None:
+        return None
+    entry = dict(info["storage"])
+    if entry["kind"] == "postgres":
+        env = os.environ.get(ENV_URL)
+        if env and password_free(env.replace("postgres://", "postgresql://", 1)) == entry["url"]:
+            entry["url"] = env
+    return make_storage({**entry, "heartbeat_interval": None}, Path(run_dir))
+
+
+def manifest_study(run_dir: Path) -> str | None:
+    info = manifest(run_dir)
+    return None if info is None else str(info["study_name"])

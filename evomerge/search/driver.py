@@ -1,0 +1,279 @@
+"""The search loop: Optuna ask/tell around "merge in place, score in memory".
+
+Budget and resume, precisely:
+
+* a trial is **finished** when it is COMPLETE, PRUNED, or FAIL without a retry
+  (the candidate itself failed: NaN weights, out of memory, an lm-eval error);
+* a trial that was RUNNING when its process died, or when Ctrl-C arrived, is
+  marked FAIL *and* re-enqueued with the same parameters; the new trial carries
+  ``retry_of = <old number>``, which is what makes the old one "retried" and not
+  counted;
+* the loop runs while finished < ``search.n_trials`` (baselines included), so a
+  resumed run finishes exactly the budget: nothing lost, nothing run twice.
+
+Dead trials are found in one of two ways. Without heartbeats (SQLite, one
+worker: the default) every trial still RUNNING at start-up belongs to a dead
+process and is taken over. With ``storage.heartbeat_interval`` set (many
+workers on one database) Optuna fails trials whose heartbeat went stale and
+:func:`retry_trial` re-enqueues them; nothing else is taken over.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from tqdm.auto import tqdm
+
+from evomerge.errors import EvomergeError
+from evomerge.search.storage import heartbeat_enabled
+
+MAX_CONSECUTIVE_FAILURES = 5
+
+
+def retry_of(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of trials that have a retry (enqueued or run)."""
+    return {int(t.user_attrs["retry_of"]) for t in trials if "retry_of" in t.user_attrs}
+
+
+def is_finished(t: FrozenTrial, retried: set[int]) -> bool:
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return t.state == TrialState.FAIL and t.number not in retried
+
+
+def count_finished(study: optuna.Study) -> int:
+    trials = study.get_trials(deepcopy=False)
+    retried = retry_of(trials)
+    return sum(is_finished(t, retried) for t in trials)
+
+
+def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Enqueue a dead trial's parameters again, once (also Optuna's heartbeat-stale callback)."""
+    trials = study.get_trials(deepcopy=False)
+    if trial.number in retry_of(trials):
+        return
+    attrs = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "seed")}
+    attrs["retry_of"] = trial.number
+    study.enqueue_trial(dict(trial.params), user_attrs=attrs, skip_if_exists=False)
+
+
+def take_over_dead_trials(study: optuna.Study) -> int:
+    """Fail and re-enqueue the trials a dead process left RUNNING (SQLite, one worker)."""
+    if heartbeat_enabled(study._storage):  # noqa: SLF001 - Optuna keeps the storage private
+        optuna.storages.fail_stale_trials(study)
+        return 0
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        retry_trial(study, t)
+        optuna.trial.Trial(study, t._trial_id).set_user_attr("fail_reason", "the process died while this trial ran")  # noqa: SLF001
+        study.tell(t.number, state=TrialState.FAIL)
+        n += 1
+    return n
+
+
+def enqueue_baselines(study: optuna.Study, baselines: dict[str, dict[str, Any]]) -> int:
+    """Enqueue each baseline once per study (idempotent across restarts)."""
+    have = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)}
+    n = 0
+    for name, params in baselines.items():
+        if name not in have:
+            study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=False)
+            n += 1
+    return n
+
+
+class _Heartbeat:
+    """Records a RUNNING trial's heartbeat in the background (only when the storage has heartbeats)."""
+
+    def __init__(self, study: optuna.Study, trial_id: int) -> None:
+        self.storage = study._storage  # noqa: SLF001
+        self.trial_id = trial_id
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> "_Heartbeat":
+        if heartbeat_enabled(self.storage):
+            interval = self.storage.get_heartbeat_interval()
+            self.storage.record_heartbeat(self.trial_id)
+
+            def beat() -> None:
+                while not self.stop.wait(interval):
+                    self.storage.record_heartbeat(self.trial_id)
+
+            self.thread = threading.Thread(target=beat, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+@dataclass
+class LoopStats:
+    merge_s: list[float] = field(default_factory=list)
+    eval_s: list[float] = field(default_factory=list)
+    total_s: list[float] = field(default_factory=list)
+    interrupted: bool = False
+
+    def per_candidate(self) -> dict[str, float]:
+        """Medians: the first candidate of a process pays one-time imports (the sampler's ~1 s) that a mean would smear."""
+        n = len(self.total_s)
+        if not n:
+            return {}
+        m, e, t = (statistics.median(x) for x in (self.merge_s, self.eval_s, self.total_s))
+        over = statistics.median(tt - mm - ee for tt, mm, ee in zip(self.total_s, self.merge_s, self.eval_s))
+        return {"candidates": n, "merge_s": round(m, 4), "eval_s": round(e, 4), "overhead_s": round(over, 4),
+                "total_s": round(t, 4), "sum_s": round(sum(self.total_s), 3)}
+
+
+class SearchLoop:
+    """Runs trials until the budget is spent (or Ctrl-C)."""
+
+    def __init__(self, study: optuna.Study, sampler_for: Any, pruner: optuna.pruners.BasePruner,
+                 genome: Any, engine: Any, scorer: Any, *, n_trials: int, limit: float | None,
+                 first_limit: float | None, prune: bool, seed: int, fresh_seeds: bool, progress: bool = True) -> None:
+        from evomerge.search.mirror import Mirror
+
+        self.study, self.genome, self.engine, self.scorer = study, genome, engine, scorer
+        self.mirror = Mirror(study, sampler_for, pruner)
+        self.n_trials, self.limit, self.first_limit, self.prune = n_trials, limit, first_limit, prune
+        self.seed, self.fresh_seeds, self.progress = seed, fresh_seeds, progress
+        self.dists = genome.distributions()
+        self.stats = LoopStats()
+
+    def _best(self) -> float | None:
+        return self.mirror.best_value()
+
+    def run(self) -> LoopStats:
+        done = count_finished(self.study)
+        bar = tqdm(total=self.n_trials, initial=min(done, self.n_trials), desc="search", unit="trial",
+                   disable=not self.progress, dynamic_ncols=True)
+        failures = 0
+        last_reason = ""
+        try:
+            while done < self.n_trials:
+                if self.mirror.shared:
+                    optuna.storages.fail_stale_trials(self.study)
+                state, reason = self._one_trial()
+                done += 1
+                bar.update(1)
+                failures = failures + 1 if state == TrialState.FAIL else 0
+                last_reason = reason or last_reason
+                if failures >= MAX_CONSECUTIVE_FAILURES:
+                    raise EvomergeError(f"{failures} candidates in a row failed; the last one: {last_reason}. "
+                                        f"Fix the cause and rerun the same command to resume.")
+                self._postfix(bar)
+        except KeyboardInterrupt:
+            self.stats.interrupted = True
+        finally:
+            bar.close()
+        return self.stats
+
+    def _postfix(self, bar: tqdm) -> None:
+        best = self._best()
+        n = len(self.stats.total_s)
+        if n:
+            tail = slice(max(0, n - 5), n)
+            m = sum(self.stats.merge_s[tail]) / len(self.stats.merge_s[tail])
+            e = sum(self.stats.eval_s[tail]) / len(self.stats.eval_s[tail])
+            bar.set_postfix_str(f"best={best:.4f} merge={m:.2f}s eval={e:.2f}s" if best is not None
+                                else f"merge={m:.2f}s eval={e:.2f}s", refresh=True)
+
+    def _one_trial(self) -> tuple[TrialState, str | None]:
+        start = time.perf_counter()
+        trial = self.mirror.ask(self.dists)
+        seed = int(trial.user_attrs.get("seed", self.seed + trial.number if self.fresh_seeds else self.seed))
+        baseline = trial.user_attrs.get("baseline")
+        merge_s = eval_s = 0.0
+        try:
+            with _Heartbeat(self.study, trial.disk_id):
+                if self.fresh_seeds:
+                    trial.set_user_attr("seed", seed)
+                recipe = self.genome.recipe(trial.params, seed=seed)
+                merge_s = self.engine.apply(recipe).seconds
+                score = None
+                if self.prune and baseline is None and self.first_limit is not None:
+                    two_stage = self.scorer.can_split("search")
+                    if two_stage:
+                        first, state = self.scorer.first_look(self.engine.model, "search", self.limit, self.first_limit)
+                    else:
+                        first = self.scorer.score(self.engine.model, "search", _of(self.limit, self.first_limit))
+                    eval_s += first.seconds
+                    trial.report(first.fitness, step=0)
+                    if trial.should_prune():
+                        self._record(trial, merge_s, eval_s, first.metrics, first_fitness=first.fitness)
+                        trial.finish(TrialState.PRUNED)
+                        self._time(start, merge_s, eval_s)
+                        return TrialState.PRUNED, None
+                    if two_stage:
+                        score = self.scorer.rest(self.engine.model, "search", state)
+                if score is None:
+                    score = self.scorer.score(self.engine.model, "search", self.limit)
+                eval_s += score.seconds
+                if not all(math.isfinite(v) for v in score.values):
+                    raise EvomergeError(f"the evaluation returned a non-finite score {score.values}")
+                self._record(trial, merge_s, eval_s, score.metrics, fitness=score.fitness)
+                trial.finish(TrialState.COMPLETE, score.values)
+                self._time(start, merge_s, eval_s)
+                return TrialState.COMPLETE, None
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); retried on resume")
+            retry_trial(self.study, trial.frozen())
+            trial.finish(TrialState.FAIL)
+            raise
+        except Exception as exc:  # noqa: BLE001 - any candidate failure is recorded, the search goes on
+            reason = _reason(exc)
+            trial.set_user_attr("fail_reason", reason)
+            self._record(trial, merge_s, eval_s, None)
+            trial.finish(TrialState.FAIL)
+            _free_accelerator_memory()
+            tqdm.write(f"trial {trial.number} failed: {reason}")
+            return TrialState.FAIL, reason
+
+    def _record(self, trial: Any, merge_s: float, eval_s: float, metrics: dict | None, **scores: float) -> None:
+        for key, value in scores.items():
+            trial.set_user_attr(key, value)
+        trial.set_user_attr("merge_s", round(merge_s, 4))
+        trial.set_user_attr("eval_s", round(eval_s, 4))
+        if metrics is not None:
+            trial.set_user_attr("metrics", metrics)
+
+    def _time(self, start: float, merge_s: float, eval_s: float) -> None:
+        self.stats.merge_s.append(merge_s)
+        self.stats.eval_s.append(eval_s)
+        self.stats.total_s.append(time.perf_counter() - start)
+
+
+def _of(limit: float | None, first: float) -> float:
+    """The first look as an lm-eval ``limit`` (for evaluators that cannot score item ranges)."""
+    if first > 1:
+        return float(int(first))
+    if limit is None:
+        return first
+    return float(max(1, round(limit * first))) if limit >= 1 else limit * first
+
+
+def _reason(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if "OutOfMemory" in name or "out of memory" in str(exc).lower():
+        return f"out of memory: {str(exc).splitlines()[0] if str(exc) else name}"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{name}: {text}" if not isinstance(exc, EvomergeError) else text
+
+
+def _free_accelerator_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass

@@ -1,0 +1,143 @@
+"""The end of a search: re-score the best candidates and the baselines, pick the winner honestly.
+
+Why re-score on the full search split before choosing: trials were ranked on a
+``limit``-item sample, and the best of many noisy scores is biased upwards (the
+winner's curse). Re-scoring the top few on every search item and picking the
+winner there keeps the choice on the search split — the test split is only
+ever *reported*, never used to choose — while making it less of a lottery.
+
+Results are kept in the study (user attribute ``final:<trial number>``), so a
+rerun after the search ended re-exports without re-scoring, and every worker
+of a shared study sees them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Candidate:
+    number: int
+    label: str                 # baseline name or "trial N"
+    baseline: str | None
+    params: dict[str, Any]
+    seed: int
+    search: float              # fitness recorded during the search (``limit`` items)
+    values: list[float]
+    search_full: float | None = None
+    se: float | None = None    # standard error of ``selection`` (None: unknown)
+    test: float | None = None
+    test_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    test_values: list[float] = field(default_factory=list)
+
+    @property
+    def selection(self) -> float:
+        """What the winner is chosen by: the search split only."""
+        return self.search if self.search_full is None else self.search_full
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"trial": self.number, "label": self.label, "baseline": self.baseline, "search_fitness": self.search,
+                "search_full_fitness": self.search_full, "test_fitness": self.test, "values": self.values,
+                "test_values": self.test_values, "test_metrics": self.test_metrics, "seed": self.seed,
+                "search_se": self.se}
+
+
+@dataclass
+class FinalResult:
+    winner: Candidate | None
+    candidates: list[Candidate]
+    baselines: list[Candidate]
+    front: list[int]           # Pareto front trial numbers (multi-objective)
+    seconds: float
+
+
+def fitness_of(t: FrozenTrial) -> float:
+    return float(t.user_attrs.get("fitness", t.values[0] if t.values else float("nan")))
+
+
+def _candidate(t: FrozenTrial, seed: int) -> Candidate:
+    b = t.user_attrs.get("baseline")
+    return Candidate(number=t.number, label=b or f"trial {t.number}", baseline=b, params=dict(t.params),
+                     seed=int(t.user_attrs.get("seed", seed)), search=fitness_of(t), values=list(t.values or []))
+
+
+def select(study: optuna.Study, top_k: int, seed: int = 0) -> tuple[list[Candidate], list[Candidate], list[int]]:
+    """(top candidates, baselines, Pareto front numbers) among COMPLETE trials."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    baselines: dict[str, Candidate] = {}
+    for t in done:
+        b = t.user_attrs.get("baseline")
+        if b and b not in baselines:
+            baselines[b] = _candidate(t, seed)
+    searched = [t for t in done if not t.user_attrs.get("baseline")]
+    front: list[int] = []
+    if len(study.directions) > 1:
+        front = sorted(t.number for t in study.best_trials)
+        pool = [t for t in searched if t.number in front] or searched
+        top = sorted(pool, key=fitness_of, reverse=True)[: max(top_k, 2 * top_k)]
+    else:
+        top = sorted(searched, key=fitness_of, reverse=True)[:top_k]
+    return [_candidate(t, seed) for t in top], list(baselines.values()), front
+
+
+def choose(top: list[Candidate], baselines: list[Candidate], margin_se: float) -> Candidate | None:
+    """The best searched candidate if it beats the best baseline by more than the noise, else that baseline."""
+    scored_top = [c for c in top if c.test is not None]
+    scored_base = [c for c in baselines if c.test is not None]
+    best = max(scored_top, key=lambda c: c.selection, default=None)
+    base = max(scored_base, key=lambda c: c.selection, default=None)
+    if best is None or base is None:
+        return best or base
+    margin = 0.0
+    if margin_se > 0 and best.se is not None and base.se is not None:
+        margin = margin_se * (best.se ** 2 + base.se ** 2) ** 0.5
+    return best if best.selection - base.selection > margin else base
+
+
+def rescore(study: optuna.Study, genome: Any, get_engine: Any, scorer: Any, *, top_k: int, rescore_search: bool,
+            search_limit: float | None, progress: bool = True, margin_se: float = 1.0) -> FinalResult:
+    """Re-score the top candidates and the baselines, then pick the winner on the search split.
+
+    ``get_engine()`` builds the prepared merge only if some candidate still needs scoring. A searched
+    candidate wins over the best baseline only when its search-split advantage exceeds ``margin_se``
+    standard errors of the difference: a hand-made recipe is kept unless the evidence says otherwise.
+    """
+    start = time.perf_counter()
+    top, baselines, front = select(study, top_k, genome.seed)
+    everyone = top + baselines
+    todo = [c for c in everyone if f"final:{c.number}" not in study.user_attrs]
+    for c in tqdm(todo, desc="held-out test", unit="model", disable=not progress or not todo):
+        engine = get_engine()
+        engine.apply(genome.recipe(c.params, seed=c.seed))
+        record: dict[str, Any] = {}
+        if rescore_search and search_limit is not None:
+            full = scorer.score(engine.model, "search", None)
+            record.update(search_full=full.fitness, search_full_metrics=full.metrics)
+        test = scorer.score(engine.model, "test", None)
+        record.update(test=test.fitness, test_metrics=test.metrics, test_values=test.values)
+        study.set_user_attr(f"final:{c.number}", record)
+    attrs = study.user_attrs
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for c in everyone:
+        rec = attrs.get(f"final:{c.number}", {})
+        c.search_full = rec.get("search_full")
+        c.test = rec.get("test")
+        c.test_metrics = rec.get("test_metrics", {})
+        c.test_values = rec.get("test_values", [])
+        full = c.search_full is not None
+        metrics = rec.get("search_full_metrics") if full else trials[c.number].user_attrs.get("metrics")
+        try:
+            c.se = scorer.fitness_se(metrics, "search", None if full else search_limit) if metrics else None
+        except Exception:  # noqa: BLE001 - no margin when the noise cannot be estimated
+            c.se = None
+    winner = choose(top, baselines, margin_se)
+    if winner is not None:
+        study.set_user_attr("winner", winner.number)
+    return FinalResult(winner=winner, candidates=top, baselines=baselines, front=front,
+                       seconds=time.perf_counter() - start)

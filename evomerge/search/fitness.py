@@ -1,0 +1,240 @@
+"""Fitness: task metrics from lm-eval folded into the numbers Optuna optimises.
+
+The ``tasks`` config group names lm-eval tasks and, per task, metric weights:
+``fitness`` is their weighted mean, so a score stays on the metrics' own scale
+(an accuracy-weighted fitness of 0.6 means 60 %). With a multi-objective sampler
+each task is its own objective (``objectives: per_task``) and ``fitness`` still
+ranks the Pareto front members for ``best/``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from evomerge.errors import ConfigError
+
+OBJECTIVE_MODES = ("auto", "fitness", "per_task")
+BINARY_METRICS = {"acc", "acc_norm", "exact_match"}  # per-item 0/1 scores: their mean is a proportion
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    tasks: dict[str, dict[str, float]]  # task -> metric -> weight
+    objectives: str = "auto"
+    group: str | None = None            # a named task group of the models' zoo (used when ``tasks`` is empty)
+    metric: str | None = None           # the metric of the group's tasks
+
+    def expand(self, zoo_groups: dict[str, list[str]]) -> "TaskSpec":
+        """The explicit task list: ``tasks`` as given, or the zoo's ``group``."""
+        if self.tasks:
+            return self
+        if not zoo_groups:
+            raise ConfigError(f"tasks.group = {self.group!r} names a zoo task group, but the models group has no zoo; "
+                              f"list the tasks explicitly (`tasks.tasks: {{my_task: {{acc: 1.0}}}}`).")
+        if self.group not in zoo_groups:
+            raise ConfigError(f"tasks.group = {self.group!r} is not a task group of this zoo; it has "
+                              f"{', '.join(zoo_groups)}.")
+        weights = {self.metric: 1.0} if self.metric else {}
+        return TaskSpec(self.name, {t: dict(weights) for t in zoo_groups[self.group]}, self.objectives)
+
+
+@dataclass
+class Score:
+    values: list[float]       # what Optuna is told (one per objective)
+    fitness: float            # the weighted mean of every task's metrics
+    metrics: dict[str, dict[str, float]]
+    seconds: float
+
+
+def parse_tasks(cfg: dict[str, Any] | None) -> TaskSpec:
+    cfg = cfg or {}
+    mode = cfg.get("objectives", "auto")
+    if mode not in OBJECTIVE_MODES:
+        raise ConfigError(f"tasks.objectives = {mode!r}: use auto, fitness (one objective) or per_task (one per task).")
+    if not cfg.get("tasks"):
+        if not cfg.get("group"):
+            raise ConfigError("tasks.tasks is empty and tasks.group is null: list lm-eval tasks with metric weights, "
+                              "e.g. `tasks: {my_task: {acc: 1.0}}`, or name a zoo task group (see conf/tasks/math.yaml).")
+        return TaskSpec(name=str(cfg.get("name") or cfg["group"]), tasks={}, objectives=mode,
+                        group=str(cfg["group"]), metric=cfg.get("metric"))
+    tasks: dict[str, dict[str, float]] = {}
+    raw = cfg["tasks"]
+    if isinstance(raw, list):  # a bare list: each task's first metric, weight 1
+        raw = {t: {} for t in raw}
+    if not isinstance(raw, dict):
+        raise ConfigError("tasks.tasks must map task names to {metric: weight} (or be a list of task names).")
+    for task, metrics in raw.items():
+        metrics = metrics or {}
+        if not isinstance(metrics, dict) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                    for w in metrics.values()):
+            raise ConfigError(f"tasks.tasks.{task} must map metric names to numeric weights, e.g. {{acc: 1.0}}.")
+        tasks[str(task)] = {str(m): float(w) for m, w in metrics.items()}
+    return TaskSpec(name=str(cfg.get("name") or "tasks"), tasks=tasks, objectives=mode)
+
+
+def objective_names(spec: TaskSpec, multi_objective_sampler: bool) -> list[str]:
+    mode = spec.objectives
+    if mode == "auto":
+        mode = "per_task" if multi_objective_sampler and len(spec.tasks) > 1 else "fitness"
+    return list(spec.tasks) if mode == "per_task" else ["fitness"]
+
+
+def _metric(results: dict[str, float], metric: str, task: str) -> float:
+    """lm-eval names metrics ``acc,none``; a config says ``acc``: accept either spelling."""
+    if metric in results:
+        return float(results[metric])
+    for key, value in results.items():
+        if key.split(",")[0] == metric and isinstance(value, (int, float)):
+            return float(value)
+    raise ConfigError(f"tasks.tasks.{task}: task {task!r} reports no metric {metric!r}; it reports "
+                      f"{', '.join(k for k in results if not k.endswith('_stderr') and 'stderr' not in k)}.")
+
+
+def task_score(results: dict[str, float], weights: dict[str, float], task: str) -> float:
+    if not weights:  # first non-stderr metric, weight 1
+        key = next((k for k, v in results.items() if "stderr" not in k and isinstance(v, (int, float))), None)
+        if key is None:
+            raise ConfigError(f"task {task!r} reported no numeric metric.")
+        return float(results[key])
+    total = sum(abs(w) for w in weights.values()) or 1.0
+    return sum(w * _metric(results, m, task) for m, w in weights.items()) / total
+
+
+class Scorer:
+    """One lm-eval evaluator, built once per process, turned into fitness values.
+
+    Multi-fidelity without paying twice: the first look scores items ``[0, n1)``
+    of each task, the rest of the look scores ``[n1, n)``, and the two are
+    combined by item count. That is exact for mean-aggregated metrics (accuracy,
+    exact match: every evomerge task); a task with any other aggregation is
+    re-scored in full instead, which is correct, only slower.
+    """
+
+    def __init__(self, evaluator: Any, spec: TaskSpec, objectives: list[str]) -> None:
+        self.evaluator = evaluator
+        self.spec = spec
+        self.objectives = objectives
+        self._sizes: dict[str, dict[str, int]] = {}
+        self._incremental: bool | None = None
+
+    def _finish(self, metrics: dict[str, dict[str, float]], seconds: float) -> Score:
+        per_task = {t: task_score(metrics[t], w, t) for t, w in self.spec.tasks.items()}
+        fitness = sum(per_task.values()) / len(per_task)
+        values = [fitness] if self.objectives == ["fitness"] else [per_task[t] for t in self.objectives]
+        return Score(values=values, fitness=fitness, metrics=metrics, seconds=seconds)
+
+    def score(self, model: Any, split: str, limit: float | None) -> Score:
+        start = time.perf_counter()
+        raw = self.evaluator.evaluate(model, split=split, limit=_limit(limit))
+        metrics = {t: {k: float(v) for k, v in raw[t].items() if isinstance(v, (int, float))} for t in self.spec.tasks}
+        return self._finish(metrics, time.perf_counter() - start)
+
+    def fitness_se(self, metrics: dict[str, dict[str, float]], split: str, limit: float | None) -> float | None:
+        """Standard error of a fitness measured on ``limit`` items, when every metric is a per-item 0/1 score.
+
+        Each task's score is treated as a proportion p over n items (variance p(1-p)/n) and the fitness as
+        the mean over tasks. None when a metric is not a proportion (then no noise margin is applied).
+        """
+        try:
+            n = self.counts(split, limit)
+        except Exception:  # noqa: BLE001 - an evaluator without task objects
+            return None
+        var = 0.0
+        for t, weights in self.spec.tasks.items():
+            names = list(weights) or list(metrics.get(t, {}))[:1]
+            if not names or any(m.split(",")[0] not in BINARY_METRICS for m in names) or not n.get(t):
+                return None
+            p = min(1.0, max(0.0, task_score(metrics[t], weights, t)))
+            var += p * (1 - p) / n[t]
+        return math.sqrt(var) / len(self.spec.tasks)
+
+    # ---- two-stage scoring ---------------------------------------------------------------
+    def can_split(self, split: str) -> bool:
+        """Whether item ranges can be scored separately (mean-aggregated metrics, lm-eval task objects at hand)."""
+        if self._incremental is None:
+            try:
+                from lm_eval.api.metrics import mean
+
+                tasks = self.evaluator.task_dict(split)["tasks"]
+                self._incremental = all(all(fn is mean for fn in tasks[t].aggregation().values()) for t in self.spec.tasks)
+            except Exception:  # noqa: BLE001 - any other evaluator: score in full
+                self._incremental = False
+        return bool(self._incremental)
+
+    def _size(self, split: str) -> dict[str, int]:
+        if split not in self._sizes:
+            tasks = self.evaluator.task_dict(split)["tasks"]
+            self._sizes[split] = {t: len(tasks[t].eval_docs) for t in self.spec.tasks}
+        return self._sizes[split]
+
+    def counts(self, split: str, limit: float | None) -> dict[str, int]:
+        """Items per task that ``limit`` means (lm-eval's rule: a fraction is rounded up)."""
+        return {t: _count(limit, n) for t, n in self._size(split).items()}
+
+    def score_items(self, model: Any, split: str, items: dict[str, range]) -> tuple[dict[str, dict[str, float]], float]:
+        """Metrics over the given item indices of each task (the Evaluator's ``samples`` when it has one)."""
+        import inspect
+
+        start = time.perf_counter()
+        samples = {t: list(r) for t, r in items.items() if len(r)}
+        if "samples" in inspect.signature(self.evaluator.evaluate).parameters:
+            raw = self.evaluator.evaluate(model, split=split, samples=samples)
+        else:
+            from lm_eval.evaluator import evaluate
+
+            with _quiet_request_bars():
+                out = evaluate(lm=self.evaluator.lm(model), task_dict=self.evaluator.task_dict(split), samples=samples,
+                               bootstrap_iters=0, log_samples=False, cache_requests=False)
+            raw = (out or {}).get("results", {})
+        metrics = {t: {k.split(",")[0]: float(v) for k, v in raw.get(t, {}).items()
+                       if isinstance(v, (int, float)) and "stderr" not in k and k not in ("sample_len", "alias")}
+                   for t in samples}
+        return metrics, time.perf_counter() - start
+
+    def first_look(self, model: Any, split: str, limit: float | None, first: float) -> tuple[Score, dict]:
+        """Score the first items (``first``: a fraction of the look's items, or a count); :meth:`rest` completes it."""
+        n = self.counts(split, limit)
+        n1 = {t: max(1, min(n[t], _count(first, n[t]))) for t in n}
+        metrics, seconds = self.score_items(model, split, {t: range(0, n1[t]) for t in n})
+        return self._finish(metrics, seconds), {"n": n, "n1": n1, "metrics": metrics}
+
+    def rest(self, model: Any, split: str, state: dict) -> Score:
+        n, n1, first = state["n"], state["n1"], state["metrics"]
+        metrics, seconds = self.score_items(model, split, {t: range(n1[t], n[t]) for t in n})
+        combined: dict[str, dict[str, float]] = {}
+        for t in n:
+            a, b = n1[t], n[t] - n1[t]
+            combined[t] = {m: (first[t][m] * a + metrics.get(t, {}).get(m, 0.0) * b) / (a + b) for m in first[t]}
+        return self._finish(combined, seconds)
+
+
+@contextlib.contextmanager
+def _quiet_request_bars() -> Iterator[None]:
+    """lm-eval draws a progress bar per task while building requests; a search makes hundreds of calls."""
+    import lm_eval.api.task as task_mod
+
+    original = task_mod.tqdm
+    task_mod.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        task_mod.tqdm = original
+
+
+def _count(limit: float | None, n: int) -> int:
+    if limit is None:
+        return n
+    if limit < 1:
+        return min(n, int(math.ceil(n * limit)))
+    return min(n, int(limit))
+
+
+def _limit(limit: float | None) -> int | float | None:
+    if limit is None:
+        return None
+    return int(limit) if limit >= 1 else float(limit)

@@ -1,0 +1,159 @@
+"""Sample in memory, record on disk: Optuna's sampler without a database round trip per gene.
+
+Why: with an RDB storage, every ``ask`` re-reads the running trials a few times
+and writes each parameter in its own transaction. For a 16-gene CMA-ES genome
+on SQLite that measured 76 ms per ask plus 15 ms per tell, against 1 ms in
+memory — a third of a tiny-zoo candidate's time, spent on bookkeeping.
+
+So the sampler and the pruner run on an in-memory study that mirrors the
+persistent one, and the persistent study (the truth: resume, dashboard,
+export, other workers) gets a handful of writes per trial: the new trial with
+all its parameters and the sampler's system attributes in one transaction,
+then its user attributes, its first-look value and its final state.
+
+Enqueued trials (baselines, retries) live on disk and are claimed there with
+Optuna's own atomic WAITING -> RUNNING transition, so two workers never run
+the same one. When the storage is shared (heartbeats on), finished trials of
+other workers are pulled into the mirror before each ask; a lone SQLite
+worker only reads the disk at start-up.
+"""
+from __future__ import annotations
+
+import datetime
+from typing import Any, Callable, Sequence
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.search.storage import heartbeat_enabled
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+class MirroredTrial:
+    """One trial: the in-memory one the sampler made and its persistent twin."""
+
+    def __init__(self, mirror: "Mirror", mem: optuna.Trial, disk_id: int, number: int, params: dict[str, Any],
+                 user_attrs: dict[str, Any]) -> None:
+        self.mirror, self.mem, self.disk_id, self.number = mirror, mem, disk_id, number
+        self.params = params
+        self.user_attrs = dict(user_attrs)
+        self._last: float | None = None
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self.user_attrs[key] = value
+        self.mirror.storage.set_trial_user_attr(self.disk_id, key, value)
+
+    def report(self, value: float, step: int) -> None:
+        self.mem.report(value, step)
+        self.mirror.storage.set_trial_intermediate_value(self.disk_id, step, value)
+        self._last = value
+
+    def should_prune(self) -> bool:
+        return self.mem.should_prune()
+
+    def finish(self, state: TrialState, values: Sequence[float] | None = None) -> None:
+        """Tell both studies; a pruned trial's value is its last reported one, as in Optuna."""
+        if state == TrialState.PRUNED:
+            self.mirror.mem.tell(self.mem, state=state)
+            values = None if self._last is None else [self._last]
+        elif state == TrialState.COMPLETE:
+            self.mirror.mem.tell(self.mem, list(values or []))
+        else:
+            self.mirror.mem.tell(self.mem, state=state)
+            values = None
+        self.mirror.storage.set_trial_state_values(self.disk_id, state, None if values is None else list(values))
+
+    def frozen(self) -> FrozenTrial:
+        return self.mirror.storage.get_trial(self.disk_id)
+
+
+class Mirror:
+    """``sampler_for(start)`` makes the sampler once the enqueued trials (baselines) are done, ``start`` being
+    the parameters of the best finished baseline (None when there is none); until then a random sampler
+    stands in, and is never consulted, since enqueued trials carry their parameters."""
+
+    def __init__(self, study: optuna.Study, sampler_for: Callable[[dict[str, Any] | None], optuna.samplers.BaseSampler],
+                 pruner: optuna.pruners.BasePruner) -> None:
+        self.disk = study
+        self.storage = study._storage  # noqa: SLF001 - writes must go through Optuna's cache layer
+        self.study_id = study._study_id  # noqa: SLF001
+        self.sampler_for = sampler_for
+        self._sampler_ready = False
+        self.mem = optuna.create_study(sampler=optuna.samplers.RandomSampler(), pruner=pruner,
+                                       directions=study.directions)
+        self.shared = heartbeat_enabled(self.storage)
+        self._seen: set[int] = set()
+        self._waiting: list[int] = []
+        self.sync()
+
+    def sync(self) -> None:
+        """Copy finished disk trials the mirror has not seen, and note the disk's WAITING trials."""
+        new: list[FrozenTrial] = []
+        waiting: list[int] = []
+        for t in self.disk.get_trials(deepcopy=False):
+            if t.state == TrialState.WAITING:
+                waiting.append(t._trial_id)  # noqa: SLF001
+            elif t.state in FINISHED and t._trial_id not in self._seen:  # noqa: SLF001
+                new.append(t)
+                self._seen.add(t._trial_id)  # noqa: SLF001
+        self.mem.add_trials(new)
+        self._waiting = waiting
+
+    def _claim_waiting(self) -> FrozenTrial | None:
+        while self._waiting:
+            tid = self._waiting.pop(0)
+            try:
+                if self.storage.set_trial_state_values(tid, TrialState.RUNNING):
+                    return self.storage.get_trial(tid)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker ran it already
+        return None
+
+    def ask(self, dists: dict[str, BaseDistribution]) -> MirroredTrial:
+        if self.shared:
+            self.sync()
+        claimed = self._claim_waiting()
+        if claimed is not None:
+            fixed = claimed.system_attrs.get("fixed_params", {})
+            self.mem.enqueue_trial(fixed, user_attrs=claimed.user_attrs, skip_if_exists=False)
+            mt = self.mem.ask(dists)
+            ft = self.mem._storage.get_trial(mt._trial_id)  # noqa: SLF001
+            for name, value in ft.params.items():
+                dist = ft.distributions[name]
+                self.storage.set_trial_param(claimed._trial_id, name, dist.to_internal_repr(value), dist)  # noqa: SLF001
+            for key, value in ft.system_attrs.items():
+                if key != "fixed_params":
+                    self.storage.set_trial_system_attr(claimed._trial_id, key, value)  # noqa: SLF001
+            disk_id, number, attrs = claimed._trial_id, claimed.number, claimed.user_attrs  # noqa: SLF001
+        else:
+            if not self._sampler_ready:
+                self.mem.sampler = self.sampler_for(self._best_baseline())
+                self._sampler_ready = True
+            mt = self.mem.ask(dists)
+            ft = self.mem._storage.get_trial(mt._trial_id)  # noqa: SLF001
+            template = FrozenTrial(
+                number=0, state=TrialState.RUNNING, value=None, datetime_start=datetime.datetime.now(),
+                datetime_complete=None, params=ft.params, distributions=ft.distributions, user_attrs={},
+                system_attrs=ft.system_attrs, intermediate_values={}, trial_id=0,
+            )
+            disk_id = self.storage.create_new_trial(self.study_id, template_trial=template)
+            number, attrs = self.storage.get_trial_number_from_id(disk_id), {}
+        self._seen.add(disk_id)
+        return MirroredTrial(self, mt, disk_id, number, dict(ft.params), attrs)
+
+    def _best_baseline(self) -> dict[str, Any] | None:
+        done = [t for t in self.mem.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.user_attrs.get("baseline") and t.values]
+        if not done or len(self.mem.directions) != 1:
+            return None
+        return dict(max(done, key=lambda t: t.values[0]).params)
+
+    def best_value(self) -> float | None:
+        if len(self.mem.directions) != 1:
+            return None
+        try:
+            return self.mem.best_value
+        except ValueError:
+            return None

@@ -1,0 +1,270 @@
+"""One search session: models, evaluator and study set up once, then search, final scoring and outputs.
+
+Why a resumed study refuses a changed search space: Optuna stores parameters
+by name, so a study whose genes changed meaning (another method, other bounds,
+other layer groups, another fitness) would silently mix incompatible trials.
+The session stores a fingerprint of everything that gives a parameter or a
+score its meaning and stops with a clear message when it differs.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from evomerge.errors import ConfigError
+from evomerge.export.run import STUDY_ATTR, export_trial, trial_counts, write_json, write_trials_csv
+from evomerge.search import driver
+from evomerge.search.final import FinalResult, rescore
+from evomerge.search.fitness import Scorer, TaskSpec, objective_names
+from evomerge.search.genome import Genome, layout_of
+from evomerge.search.models import pick_sources, resolve_models
+from evomerge.search.samplers import make_pruner, make_sampler
+from evomerge.search.spec import parse_search
+from evomerge.search.storage import make_storage, storage_url
+
+
+class SearchSession:
+    def __init__(self, raw: dict[str, Any], run_dir: Path, tasks: TaskSpec, *, multi_objective: bool, t0: float) -> None:
+        self.raw, self.run_dir, self.tasks, self.t0 = raw, run_dir, tasks, t0
+        self.multi_objective = multi_objective
+        self.progress = bool(raw.get("progress", True))
+        self.timings: dict[str, Any] = {}
+
+    def _timed(self, key: str, start: float) -> None:
+        self.timings[key] = round(time.perf_counter() - start, 3)
+
+    # ---- set-up ----------------------------------------------------------------------
+    def _setup(self) -> None:
+        raw = self.raw
+        models = resolve_models(raw["models"], progress=self.progress)
+        self.timings["zoo_s"] = round(models.build_seconds, 3)
+        self.tasks = self.tasks.expand(models.zoo_tasks)
+        self.objectives = objective_names(self.tasks, self.multi_objective)
+        search = dict(raw["search"])
+        if search.get("sources") is None:
+            search["sources"] = list(models.specialists)
+        self.search_cfg = search
+        self.spec = spec = parse_search(search)
+        self.sources = pick_sources(models, spec.sources)
+        self.models = models
+        start = time.perf_counter()
+        self.device = _device(raw.get("device", "auto"))
+        self.scorer = Scorer(self._evaluator(), self.tasks, self.objectives)
+        self._timed("evaluator_s", start)
+        layout = layout_of(models.base or next(iter(self.sources.values())))
+        self.genome = Genome(spec, self.sources, models.base, layout, seed=int(raw.get("seed", 0)))
+
+    def _evaluator(self) -> Any:
+        from transformers import AutoTokenizer
+
+        from evomerge.evaluation import Evaluator
+
+        tok_dir = self.models.tokenizer or self.models.base or next(iter(self.sources.values()))
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        return Evaluator(tokenizer, list(self.tasks.tasks), include_paths=self.models.task_dirs,
+                         batch_size=int(self.raw["batch_size"]), device=str(self.device),
+                         max_gen_toks=self.raw.get("max_gen_toks"))
+
+    def _study_meta(self) -> dict[str, Any]:
+        lay = self.genome.layout
+        return {
+            "fingerprint": self.genome.fingerprint() + "/" + _fitness_key(self.tasks, self.objectives, self.spec.limit),
+            "search": self.search_cfg, "sources": self.sources, "base": self.models.base, "seed": self.genome.seed,
+            "layout": {"n_layers": lay.n_layers, "pre": list(lay.pre), "post": list(lay.post),
+                       "layer_names": list(lay.layer_names)},
+            "tasks": self.tasks.tasks, "objectives": self.objectives, "limit": self.spec.limit,
+        }
+
+    def _make_storage(self) -> optuna.storages.BaseStorage:
+        """The study's storage (a hook: cluster workers open a shared one, see evomerge.search.cluster)."""
+        return make_storage(self.raw["storage"], self.run_dir, driver.retry_trial)
+
+    def _open_study(self) -> optuna.Study:
+        raw, spec = self.raw, self.spec
+        storage = self._make_storage()
+        self.storage = storage
+        single = len(self.objectives) == 1
+        first = float(spec.pruning.first_look)  # a fraction of the look's items, or a count
+        self.prune = bool(spec.pruning.enabled and single and first != 1)
+        self.first = first if self.prune else None
+        self.pruner = make_pruner(self.prune, float(spec.pruning.keep), int(spec.pruning.startup_trials))
+        self.sampler_for = lambda start: make_sampler(raw["sampler"], int(raw.get("seed", 0)), self._inside(start))
+        name = str(raw["study_name"])
+        study = optuna.create_study(study_name=name, storage=storage, directions=["maximize"] * len(self.objectives),
+                                    load_if_exists=True)
+        meta = self._study_meta()
+        old = study.user_attrs.get(STUDY_ATTR)
+        if old is None:
+            study.set_user_attr(STUDY_ATTR, meta)
+        elif old.get("fingerprint") != meta["fingerprint"]:
+            raise ConfigError(
+                f"study {name!r} in {self.run_dir} was started with a different search space or fitness (method, genes, "
+                f"bounds, layer groups, models, tasks or limit changed), so its trials cannot be mixed with this one's. "
+                f"Start a new study with `study_name=NEW_NAME` (or hydra.run.dir=...), or restore the old settings."
+            )
+        if len(study.directions) != len(self.objectives):
+            raise ConfigError(f"study {name!r} has {len(study.directions)} objective(s) and this config {len(self.objectives)}; "
+                              f"use another study_name for a different sampler/objectives.")
+        study.set_user_attr("objectives", self.objectives)
+        return study
+
+    def _inside(self, params: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A start point clipped into the bounds (a baseline may lie outside them, e.g. weight 0 with low 0.1)."""
+        if params is None:
+            return None
+        out: dict[str, Any] = {}
+        for name, dist in self.genome.distributions().items():
+            v = params.get(name)
+            if isinstance(dist, optuna.distributions.FloatDistribution) and v is not None:
+                v = min(max(float(v), dist.low), dist.high)
+            out[name] = v
+        return out
+
+    # ---- the session -----------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self._setup()
+        study = self._open_study()
+        taken = driver.take_over_dead_trials(study)
+        if taken:
+            print(f"evomerge: {taken} trial(s) interrupted by a dead process were marked failed and will be retried.")
+        driver.enqueue_baselines(study, self.genome.baselines())
+        done = driver.count_finished(study)
+        n_trials = self.spec.n_trials
+        if done:
+            print(f"evomerge: resuming study {study.study_name!r}: {min(done, n_trials)} of {n_trials} trials done.")
+        engine: Any = None
+
+        def get_engine() -> Any:
+            nonlocal engine
+            if engine is None:
+                t = time.perf_counter()
+                engine = self._engine()
+                self._timed("prepare_s", t)
+            return engine
+
+        stats = driver.LoopStats()
+        start = time.perf_counter()
+        if done < n_trials:
+            loop = driver.SearchLoop(study, self.sampler_for, self.pruner, self.genome, get_engine(), self.scorer,
+                                     n_trials=n_trials, limit=self.spec.limit, first_limit=self.first,
+                                     prune=self.prune, seed=self.genome.seed,
+                                     fresh_seeds=self.spec.random_mode == "fresh", progress=self.progress)
+            stats = loop.run()
+        self.timings["search_s"] = round(time.perf_counter() - start - self.timings.get("prepare_s", 0.0), 3)
+        self.timings["per_candidate"] = stats.per_candidate()
+        if stats.interrupted:
+            print(f"\nevomerge: interrupted; exporting the best so far. Rerun the same command to resume "
+                  f"({driver.count_finished(study)} of {n_trials} trials done).")
+        start, prep = time.perf_counter(), self.timings.get("prepare_s", 0.0)
+        final = rescore(study, self.genome, get_engine, self.scorer, top_k=int(self.raw["final"]["top_k"]),
+                        rescore_search=bool(self.raw["final"].get("rescore_search", True)),
+                        search_limit=self.spec.limit, progress=self.progress,
+                        margin_se=float(self.raw["final"].get("margin_se", 1.0)))
+        self.timings["final_s"] = round(time.perf_counter() - start - (self.timings.get("prepare_s", 0.0) - prep), 3)
+        summary = self._outputs(study, final, stats.interrupted)
+        _print_summary(summary, self.run_dir)
+        return summary
+
+    def _engine(self) -> Any:
+        import torch
+
+        from evomerge.engine.prepared import PreparedMerge
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.raw["eval_dtype"]]
+        recipe = self.genome.recipe(self.genome.baselines()["textbook"])
+        return PreparedMerge(recipe, device=str(self.device), memory=self.raw.get("memory", "auto"),
+                             model_dtype=dtype, progress=self.progress)
+
+    def _outputs(self, study: optuna.Study, final: FinalResult, interrupted: bool) -> dict[str, Any]:
+        from evomerge.export.report import write_report
+
+        start = time.perf_counter()
+        run_dir = self.run_dir
+        best = final.winner
+        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+        if best is not None:
+            export_trial(self.genome, by_number[best.number], run_dir / "best", scores=best.as_dict(),
+                         title=f"evomerge {self.spec.name}: {best.label}", search_limit=self.spec.limit,
+                         model=bool(self.raw["final"].get("export_model", True)), device=str(self.device),
+                         progress=False)
+        for n in final.front:
+            export_trial(self.genome, by_number[n], run_dir / "pareto" / f"trial_{n}", scores=None,
+                         title=f"trial {n}", model=False)
+        self._timed("export_s", start)
+        write_trials_csv(study, run_dir / "trials.csv")
+        self.timings["total_s"] = round(time.perf_counter() - self.t0, 3)
+        summary = {
+            "study": study.study_name, "storage": storage_url(self.storage), "run_dir": str(run_dir.resolve()),
+            "search": self.spec.name, "method": self.spec.method, "sources": list(self.sources),
+            "models": self.models.name, "objectives": self.objectives, "n_trials": self.spec.n_trials,
+            "limit": self.spec.limit, "interrupted": interrupted, "trials": trial_counts(study),
+            "best": None if best is None else best.as_dict(),
+            "baselines": {c.label: c.as_dict() for c in final.baselines},
+            "best_baseline": _best_baseline(final),
+            "winner_rule": (f"the best searched recipe if its search-split fitness beats the best baseline's by more "
+                            f"than {float(self.raw['final'].get('margin_se', 1.0)):g} standard error(s) of the "
+                            f"difference, else that baseline; the test split is never used to choose"),
+            "top": [c.as_dict() for c in final.candidates], "pareto_front": final.front,
+            "timings": self.timings,
+        }
+        table = None if best is None else self.genome.per_layer_table(best.params)
+        report_start = time.perf_counter()
+        write_report(run_dir, study, summary, table, self.objectives)
+        self.timings["report_s"] = round(time.perf_counter() - report_start, 3)
+        write_json(run_dir / "summary.json", summary)
+        return summary
+
+
+def _best_baseline(final: FinalResult) -> dict[str, Any] | None:
+    scored = [c for c in final.baselines if c.test is not None]
+    if not scored:
+        return None
+    b = max(scored, key=lambda c: c.selection)
+    return {"label": b.label, "trial": b.number, "search_fitness": b.search, "test_fitness": b.test,
+            "best_test_fitness": max(c.test for c in scored)}  # type: ignore[type-var]
+
+
+def _fitness_key(tasks: TaskSpec, objectives: list[str], limit: float | None) -> str:
+    import hashlib
+    import json
+
+    blob = json.dumps({"tasks": tasks.tasks, "objectives": objectives, "limit": limit}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _device(name: str) -> Any:
+    from evomerge.engine.kernel import resolve_device
+    from evomerge.errors import EvomergeError
+
+    try:
+        return resolve_device(name)
+    except EvomergeError as exc:
+        raise ConfigError(f"device = {name!r}: {exc}") from None
+
+
+def _print_summary(s: dict[str, Any], run_dir: Path) -> None:
+    def f(v: Any) -> str:
+        return "   n/a" if v is None else f"{v:.4f}"
+
+    t = s["trials"]
+    counts = ", ".join(f"{k} {v}" for k, v in t.items() if k != "finished")
+    print(f"\nevomerge: study {s['study']}: {t.get('finished', 0)}/{s['n_trials']} trials finished ({counts}) "
+          f"in {s['timings'].get('total_s', 0):.0f} s")
+    rows = []
+    if s["best"]:
+        rows.append((f"winner ({s['best']['label']})", s["best"]))
+    rows += [(f"baseline {k}", v) for k, v in s["baselines"].items()]
+    print(f"  {'candidate':<34} {'search':>8} {'search*':>8} {'test':>8}")
+    for label, r in rows:
+        print(f"  {label:<34} {f(r['search_fitness']):>8} {f(r.get('search_full_fitness')):>8} {f(r['test_fitness']):>8}")
+    print("  (search: the search-time sample; search*: every search item; test: held out, never used to choose)")
+    pc = s["timings"].get("per_candidate") or {}
+    if pc:
+        print(f"  per candidate: merge {pc['merge_s']:.2f} s, evaluation {pc['eval_s']:.2f} s, overhead {pc['overhead_s']:.3f} s")
+    print(f"run directory: {run_dir}")
+    print("  best/recipe.yaml  best/model/  trials.csv  summary.json  report.md")
+    if s.get("storage"):
+        print(f"dashboard: optuna-dashboard {s['storage']}")

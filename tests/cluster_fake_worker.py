@@ -1,0 +1,125 @@
+"""A cluster worker with the real gate, loop, storage and final claim, but no model: a trial sleeps.
+
+Run as a script by tests/test_cluster.py, many at once, to hammer the budget
+gate in seconds. ``--die-at K`` SIGKILLs this process in the middle of its
+K-th trial (after it started, before it finished), the worst moment to die.
+Prints one JSON line: the trials it ran and whether it won the final claim.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+
+
+class Genome:
+    seed = 0
+
+    def distributions(self) -> dict:
+        return {"x": optuna.distributions.FloatDistribution(0.0, 1.0),
+                "y": optuna.distributions.FloatDistribution(0.0, 1.0)}
+
+    def baselines(self) -> dict:
+        return {"low": {"x": 0.0, "y": 0.0}, "high": {"x": 1.0, "y": 1.0}}
+
+    def recipe(self, params: dict, seed: int = 0) -> dict:
+        return dict(params)
+
+
+class Engine:
+    model = None
+
+    def __init__(self) -> None:
+        self.params: dict = {}
+
+    def apply(self, recipe: dict) -> SimpleNamespace:
+        self.params = recipe
+        return SimpleNamespace(seconds=0.0)
+
+
+class Scorer:
+    def __init__(self, engine: Engine, delay: float, die_at: int | None) -> None:
+        self.engine, self.delay, self.die_at, self.calls = engine, delay, die_at, 0
+
+    def score(self, model, split, limit) -> SimpleNamespace:
+        self.calls += 1
+        if self.die_at is not None and self.calls == self.die_at:
+            time.sleep(self.delay / 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(self.delay)
+        v = float(self.engine.params["x"]) + 0.1 * float(self.engine.params["y"])
+        return SimpleNamespace(values=[v], fitness=v, metrics={"t": {"acc": v}}, seconds=self.delay)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--kind", required=True)
+    p.add_argument("--url", default=None)
+    p.add_argument("--path", default=None)
+    p.add_argument("--study", default="fake")
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--delay", type=float, default=0.02)
+    p.add_argument("--die-at", type=int, default=None)
+    p.add_argument("--die-in-gate", type=int, default=None, help="SIGKILL right after taking the K-th trial, mutex held")
+    p.add_argument("--lock-grace", type=int, default=None, help="seconds before a dead holder's lock file is broken")
+    p.add_argument("--worker", default="0")
+    p.add_argument("--heartbeat", type=int, default=1)
+    p.add_argument("--grace", type=int, default=3)
+    args = p.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from evomerge.search import driver
+    from evomerge.search.cluster import final
+    from evomerge.search.cluster.budget import ClusterLoop
+    from evomerge.search.cluster import storage as cluster_storage
+    from evomerge.search.cluster.storage import study_mutex
+    from evomerge.search.storage import make_storage
+
+    if args.lock_grace:
+        cluster_storage.FILE_LOCK_GRACE_S = args.lock_grace
+    cfg = {"kind": args.kind, "url": args.url, "path": args.path, "heartbeat_interval": args.heartbeat,
+           "grace_period": args.grace}
+    storage = make_storage(cfg, Path(args.path or ".").parent, driver.retry_trial)
+    mutex = study_mutex(storage, args.study)
+    genome = Genome()
+    with mutex:
+        study = optuna.create_study(study_name=args.study, storage=storage, direction="maximize", load_if_exists=True)
+        driver.enqueue_baselines(study, genome.baselines())
+    engine = Engine()
+    label = f"{args.worker}@pid{os.getpid()}"
+    sampler_for = lambda start: optuna.samplers.RandomSampler(seed=int(args.worker))  # noqa: E731
+    loop = ClusterLoop(study, sampler_for, optuna.pruners.NopPruner(), genome, engine,
+                       Scorer(engine, args.delay, args.die_at), n_trials=args.n, limit=None, first_limit=None,
+                       prune=False, seed=0, fresh_seeds=False, progress=False, mutex=mutex, worker=label, poll_s=0.2)
+    if args.die_in_gate is not None:
+        inner, asked = loop.gate.inner, []
+        orig = inner.ask
+
+        def ask(dists):
+            trial = orig(dists)
+            asked.append(trial.number)
+            if len(asked) == args.die_in_gate:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return trial
+
+        inner.ask = ask
+    loop.run()
+    won, claim = final.claim(study, mutex, label, Path("."), watch_s=None)
+    if won:
+        with final.beating(study, claim, 0.2):
+            time.sleep(0.5)
+    print(json.dumps({"worker": label, "ran": loop.gate.ran, "won": won, "healed": loop.gate.healed}))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
