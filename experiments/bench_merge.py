@@ -198,7 +198,8 @@ def main() -> None:
     res = {
         "command": " ".join(["python", *sys.argv]),
         "machine": {"device": "cpu", "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                    "cores": os.cpu_count(), "torch": torch.__version__},
+                    "cores": os.cpu_count(), "torch": torch.__version__,
+                    "load_average_at_start": os.getloadavg()[0]},
         "oneshot": {} if args.skip_oneshot else bench_oneshot(work, base, fts, args.mergekit_python),
         "prepared": bench_prepared(base, fts, args.reps),
     }

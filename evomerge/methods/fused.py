@@ -94,9 +94,12 @@ def merge_into(method: MergeMethod, inputs: MergeInputs, out: torch.Tensor) -> N
     from evomerge.methods import task_arithmetic as ta  # noqa: PLC0415
 
     sparsification, consensus = FUSABLE[method.name]
-    base = inputs.base
-    assert base is not None
-    deltas = inputs.deltas
+    assert inputs.base is not None
+    # Flat views: every tensor is 1-D for the compiled kernel, so one graph serves all shapes and ranks
+    # (a 2-D and a 1-D tensor, or a Parameter, would otherwise each cost a recompile).
+    base = inputs.base.reshape(-1)
+    deltas = [d.reshape(-1) for d in inputs.deltas]
+    out = out.view(-1)
     n = base.numel()
     normalize = bool(inputs.params.get("normalize", method.global_param("normalize").default))  # type: ignore[union-attr]
     rescale = bool(inputs.params.get("rescale", method.global_param("rescale").default))  # type: ignore[union-attr]
@@ -129,7 +132,7 @@ def merge_into(method: MergeMethod, inputs: MergeInputs, out: torch.Tensor) -> N
             else:
                 q = density
         if uniforms is not None:
-            uniforms.append(sp.uniforms_for(d, aux, inputs.generator))
+            uniforms.append(sp.uniforms_for(inputs.deltas[i], aux, inputs.generator).reshape(-1))
         scale = 1.0
         if sparse and rescale_norm is not None and l != math.inf:
             scale = _rescale(rescale_norm, d, density, aux, l, h, q, None if uniforms is None else uniforms[-1])
