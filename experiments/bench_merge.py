@@ -7,8 +7,9 @@ float32. Merge cost does not depend on what the weights mean, so synthetic
 fine-tunes measure the same thing as real ones.
 
     python experiments/bench_merge.py --mergekit-python /tmp/mkvenv/bin/python
+    python experiments/bench_merge.py --device cuda --shape smol-1.7b --dtype bfloat16 --name bench_merge_gpu_1.7b
 
-writes results/bench_merge.json, results/bench_merge.md and results/bench_merge.png.
+writes results/<name>.json, results/<name>.md and results/<name>.png (name: bench_merge).
 mergekit is a reference, never a dependency: install it in its own venv
 (``python -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install torch==2.13.0 mergekit``).
 """
@@ -32,6 +33,12 @@ SMOL_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                   num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
                   rms_norm_eps=1e-5, rope_theta=100000.0)
 
+SHAPES = {
+    "smol-135m": SMOL_SHAPE,
+    "smol-1.7b": dict(SMOL_SHAPE, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                      num_attention_heads=32, num_key_value_heads=32, rope_theta=130000.0),
+}
+
 RECIPES = {
     "ties": ("ties", {"weight": [0.5, 0.3, 0.2], "density": [0.5, 0.6, 0.4]}),
     "dare_ties": ("dare_ties", {"weight": [0.5, 0.3, 0.2], "density": [0.5, 0.6, 0.4]}),
@@ -42,8 +49,8 @@ RECIPES = {
 }
 
 
-def build_family(root: Path) -> tuple[Path, list[Path]]:
-    """Base + three fine-tunes of SmolLM2-135M's shape, cached on disk."""
+def build_family(root: Path, shape: dict, dtype: torch.dtype) -> tuple[Path, list[Path]]:
+    """Base + three fine-tunes of a SmolLM2 shape, cached on disk."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tests.model_factory import make_tokenizer  # a tokenizer so outputs load
@@ -53,13 +60,15 @@ def build_family(root: Path) -> tuple[Path, list[Path]]:
         return base_dir, fts
     torch.manual_seed(0)
     tok = make_tokenizer(base_dir)
-    cfg = LlamaConfig(**SMOL_SHAPE)
-    base = LlamaForCausalLM(cfg)
+    cfg = LlamaConfig(**shape)
+    base = LlamaForCausalLM(cfg).to(dtype)
     base.save_pretrained(base_dir)
     state = base.state_dict()
     for i, d in enumerate(fts):
-        gen = torch.Generator().manual_seed(i + 1)
-        ft = {k: v + torch.randn(v.shape, generator=gen) * 0.01 * (torch.rand(v.shape, generator=gen) < 0.6)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"  # noise for 1.7B params is slow on CPU
+        gen = torch.Generator(device=dev).manual_seed(i + 1)
+        ft = {k: v + (torch.randn(v.shape, generator=gen, device=dev) * 0.01
+                      * (torch.rand(v.shape, generator=gen, device=dev) < 0.6)).to(dtype).cpu()
               for k, v in state.items() if k != "lm_head.weight"}
         base.load_state_dict({**state, **ft}, strict=False)
         base.save_pretrained(d)
@@ -68,11 +77,11 @@ def build_family(root: Path) -> tuple[Path, list[Path]]:
     return base_dir, fts
 
 
-def recipe_yaml(name: str, base: Path, fts: list[Path]) -> str:
+def recipe_yaml(name: str, base: Path, fts: list[Path], dtype: str = "float32") -> str:
     method, params = RECIPES[name]
     if method == "slerp":
         return (f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {fts[0]}\n"
-                f"parameters:\n  t: 0.4\ndtype: float32\n")
+                f"parameters:\n  t: 0.4\ndtype: {dtype}\n")
     lines = [f"merge_method: {method}"]
     if method != "linear":
         lines.append(f"base_model: {base}")
@@ -80,7 +89,7 @@ def recipe_yaml(name: str, base: Path, fts: list[Path]) -> str:
     for i, ft in enumerate(fts):
         p = ", ".join(f"{k}: {v[i]}" for k, v in params.items())
         lines += [f"  - model: {ft}", f"    parameters: {{{p}}}"]
-    lines.append("dtype: float32")
+    lines.append(f"dtype: {dtype}")
     return "\n".join(lines) + "\n"
 
 
@@ -92,13 +101,13 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def bench_oneshot(work: Path, base: Path, fts: list[Path], mergekit_python: str | None) -> dict:
+def bench_oneshot(work: Path, base: Path, fts: list[Path], mergekit_python: str | None, device: str, dtype: str) -> dict:
     out: dict = {}
     for name in ("ties", "dare_ties", "linear"):
         recipe = work / f"{name}.yaml"
-        recipe.write_text(recipe_yaml(name, base, fts))
+        recipe.write_text(recipe_yaml(name, base, fts, dtype))
         row = {"evomerge": timed([sys.executable, "-m", "evomerge.engine.cli", str(recipe), str(work / f"evo_{name}"),
-                                  "--device", "cpu", "--no-progress"])}
+                                  "--device", device, "--no-progress"])}
         if mergekit_python:
             mk = Path(mergekit_python).parent / "mergekit-yaml"
             row["mergekit"] = timed([str(mk), str(recipe), str(work / f"mk_{name}"), "--copy-tokenizer"])
@@ -109,63 +118,69 @@ def bench_oneshot(work: Path, base: Path, fts: list[Path], mergekit_python: str 
     return out
 
 
-def copy_seconds(nbytes_read: int, nbytes_written: int, reps: int = 5) -> float:
+def copy_seconds(nbytes_read: int, nbytes_written: int, device: str, reps: int = 5) -> float:
     """A plain copy of the same bytes: the physical floor for a candidate on this device."""
     n = nbytes_written // 4
-    src = torch.empty(n, dtype=torch.float32).uniform_()
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     ratio = (nbytes_read + nbytes_written) / (2 * nbytes_written)  # a copy touches 2 bytes per byte written
     times = []
-    for _ in range(reps):
+    for _ in range(reps + 1):
+        if device != "cpu":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         dst.copy_(src)
+        if device != "cpu":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * ratio
+    return statistics.median(times[1:]) * ratio
 
 
-def bench_prepared(base: Path, fts: list[Path], reps: int) -> dict:
+def bench_prepared(base: Path, fts: list[Path], reps: int, device: str, methods: list[str]) -> dict:
     from evomerge.engine.prepared import PreparedMerge
     from evomerge.engine.recipe import Recipe
     import yaml
 
     out: dict = {}
-    for name in ("ties", "dare_ties", "breadcrumbs", "task_arithmetic", "slerp", "linear"):
+    for name in methods:
         recipe = Recipe.from_dict(yaml.safe_load(recipe_yaml(name, base, fts)))
         start = time.perf_counter()
-        engine = PreparedMerge(recipe, device="cpu", memory="device", progress=False)
+        engine = PreparedMerge(recipe, device=device, memory="device", progress=False)
         prep = time.perf_counter() - start
         times = [engine.apply(recipe).seconds for _ in range(reps)]
         n_in = len(engine.plan.jobs[0].models) + (1 if engine.plan.method.needs_base else 0)
         numel = sum(p.numel() for p in engine.state_dict().values())
         read, written = numel * 4 * n_in, numel * 4
-        floor = copy_seconds(read, written)
+        floor = copy_seconds(read, written, device)
         med = statistics.median(times)
         out[name] = {"prepare_s": prep, "candidate_s": med, "all_s": times, "bytes": read + written,
                      "GBps": (read + written) / med / 1e9, "copy_floor_s": floor, "fraction_of_copy_bw": floor / med}
         print(f"prepared {name}: {out[name]['candidate_s']:.3f}s/candidate "
               f"({out[name]['GBps']:.1f} GB/s, {out[name]['fraction_of_copy_bw']:.0%} of copy)", flush=True)
         del engine
+        if device != "cpu":
+            torch.cuda.empty_cache()
     return out
 
 
-def write_results(res: dict, out_dir: Path) -> None:
+def write_results(res: dict, out_dir: Path, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(exist_ok=True)
-    (out_dir / "bench_merge.json").write_text(json.dumps(res, indent=2))
+    (out_dir / f"{name}.json").write_text(json.dumps(res, indent=2))
     prep, one = res["prepared"], res["oneshot"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = list(prep)
     ax.bar(names, [prep[n]["candidate_s"] for n in names], label="prepared engine, per candidate")
     ax.bar(names, [prep[n]["copy_floor_s"] for n in names], alpha=0.6, label="plain copy of the same bytes")
     ax.set_ylabel("seconds")
-    ax.set_title(f"Time per candidate, SmolLM2-135M shape, 3 fine-tunes ({res['machine']['device']})")
+    ax.set_title(f"Time per candidate, {res['shape']} shape, 3 fine-tunes ({res['machine']['device']})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "bench_merge.png", dpi=120)
+    fig.savefig(out_dir / f"{name}.png", dpi=120)
     lines = ["# Merge engine benchmark", "", f"Machine: {res['machine']}", "",
              f"Command: `{res['command']}`", "", "## One-shot merge, whole process (seconds)", "",
              "| recipe | evomerge-merge | mergekit-yaml | speed-up |", "|---|---|---|---|"]
@@ -181,8 +196,8 @@ def write_results(res: dict, out_dir: Path) -> None:
         vs = f"{mk / row['candidate_s']:.0f}x faster" if mk else ""
         lines.append(f"| {n} | {row['candidate_s']:.3f} | {vs} | {row['GBps']:.1f} | {row['copy_floor_s']:.3f} | "
                      f"{row['fraction_of_copy_bw']:.0%} |")
-    lines += ["", "![time per candidate](bench_merge.png)", ""]
-    (out_dir / "bench_merge.md").write_text("\n".join(lines))
+    lines += ["", f"![time per candidate]({name}.png)", ""]
+    (out_dir / f"{name}.md").write_text("\n".join(lines))
 
 
 def main() -> None:
@@ -191,19 +206,30 @@ def main() -> None:
     ap.add_argument("--mergekit-python", default=None, help="python of a venv with mergekit installed")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-oneshot", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--shape", default="smol-135m", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype of the inputs")
+    ap.add_argument("--methods", default="ties,dare_ties,breadcrumbs,task_arithmetic,slerp,linear")
+    ap.add_argument("--name", default="bench_merge", help="results/<name>.{json,md,png}")
+    ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     work = Path(args.work)
-    base, fts = build_family(work / "family")
+    dtype = getattr(torch, args.dtype)
+    suffix = "" if (args.shape, args.dtype) == ("smol-135m", "float32") else f"-{args.shape}-{args.dtype}"
+    base, fts = build_family(work / f"family{suffix}", SHAPES[args.shape], dtype)
+    device = "cpu" if args.device == "cpu" else "cuda"
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     res = {
         "command": " ".join(["python", *sys.argv]),
-        "machine": {"device": "cpu", "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "shape": f"{args.shape} ({args.dtype})",
+        "machine": {"device": name, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "torch": torch.__version__,
                     "load_average_at_start": os.getloadavg()[0]},
-        "oneshot": {} if args.skip_oneshot else bench_oneshot(work, base, fts, args.mergekit_python),
-        "prepared": bench_prepared(base, fts, args.reps),
+        "oneshot": {} if args.skip_oneshot else bench_oneshot(work, base, fts, args.mergekit_python, device, args.dtype),
+        "prepared": bench_prepared(base, fts, args.reps, device, args.methods.split(",")),
     }
-    write_results(res, ROOT / "results")
+    write_results(res, Path(args.out), args.name)
 
 
 if __name__ == "__main__":

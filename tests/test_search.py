@@ -298,7 +298,7 @@ def test_rerun_after_the_end_resumes_without_new_work(e2e):
 def test_sigkill_then_resume_finishes_exactly_the_budget(tiny_zoo, tmp_path):
     run_dir = tmp_path / "run"
     args = [*APP, "+search=ties_math", "search.n_trials=8", "search.limit=40", "progress=false",
-            "final.top_k=1", "final.export_model=false", f"hydra.run.dir={run_dir}"]
+            "final.top_k=1", "final.export_model=false", "final.rescore_search=false", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"sqlite:///{run_dir / 'study.db'}"
     deadline = time.time() + 300

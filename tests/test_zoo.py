@@ -52,9 +52,6 @@ def test_models_load_offline_and_generate(tiny_zoo):
     assert answer.strip("'").rstrip("\\n").isdigit() and int(max_len) == 64
 
 
-ZOO_QUALITY_OPEN = ("issue #4 open: the tiny zoo's specialists do not yet clearly beat the base on exact-match generation, nor does an add+sub merge beat every single model (see results/zoo.md and the issue notes)")
-
-
 @pytest.fixture(scope="module")
 def scores(tiny_zoo):
     """Test-split exact match of base, specialists and an add+sub task-arithmetic merge."""
@@ -79,13 +76,11 @@ def scores(tiny_zoo):
     return out
 
 
-@pytest.mark.xfail(reason=ZOO_QUALITY_OPEN, strict=False)
 def test_each_specialist_beats_the_base_on_its_own_skill(scores):
     for skill in ("add", "sub", "rev"):
         assert scores[skill][skill] >= scores["base"][skill] + MARGIN, (skill, scores)
 
 
-@pytest.mark.xfail(reason=ZOO_QUALITY_OPEN, strict=False)
 def test_math_mix_needs_a_merge(scores, tiny_zoo):
     def math(name):
         return sum(scores[name][t.removeprefix("evomerge_")] for t in tiny_zoo.tasks["math"]) / len(tiny_zoo.tasks["math"])
@@ -96,6 +91,26 @@ def test_math_mix_needs_a_merge(scores, tiny_zoo):
         assert any(scores[o][s] > scores[name][s] for o in singles for s in ("add", "sub")), (name, scores)
     # ... and merging the two math specialists beats every single model on the mix
     assert math("add+sub") > best_single, (math("add+sub"), singles)
+
+
+def test_training_stops_once_the_skills_are_learnt():
+    """``until`` ends training at the first probe that reaches it (0.0: the first probe)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evomerge.zoo.tokenizer import char_tokenizer
+    from evomerge.zoo.train import TrainConfig, train
+
+    tok = char_tokenizer(64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    cfg = TrainConfig(mix={"add": 1.0}, steps=50, lr=1e-3, batch_size=8, until=0.0, check_every=3)
+    stats = train(model, tok, cfg, exclude=set(), progress=False)
+    assert stats["steps"] == 3 and set(stats["probe"]) == {"add"}
+    never = train(model, tok, TrainConfig(mix={"add": 1.0}, steps=4, lr=1e-3, batch_size=8, until=1.01,
+                                          check_every=2), exclude=set(), progress=False)
+    assert never["steps"] == 4 and never["probe"]["add"] < 1.01
 
 
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch):

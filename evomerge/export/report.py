@@ -147,7 +147,8 @@ def write_report(run_dir: Path, study: optuna.Study, summary: dict[str, Any], wi
               + ", ".join(f"{k} {v}" for k, v in summary["trials"].items() if k != "finished") + ")",
               f"- storage: `{summary.get('storage')}` (open it with `optuna-dashboard {summary.get('storage')}`)", ""]
     best = summary.get("best") or {}
-    lines += ["## Scores", "", "The winner is chosen on the search split; the test split is held out and only reported.", "",
+    rule = summary.get("winner_rule") or "the best candidate on the search split"
+    lines += ["## Scores", "", f"Winner: {rule}.", "",
               "| candidate | search | search (all items) | test (held out) |", "|---|---|---|---|"]
     rows = [best] + list((summary.get("baselines") or {}).values()) + list(summary.get("top") or [])
     seen: set[Any] = set()

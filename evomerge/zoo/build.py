@@ -153,6 +153,7 @@ def build_zoo(
         if not force and (zoo := _cached(name, root)) is not None:  # built while we waited
             return zoo
         t0 = time.perf_counter()
+        digest = config_hash(name)  # of the recipe this build runs, even if the code changes meanwhile
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=root.parent))
         try:
             info = recipe.build(tmp, progress=progress)
@@ -160,7 +161,7 @@ def build_zoo(
             materialise_tasks(tmp / "tasks", skills, info["seed"], final_dir=root / "tasks")
             manifest = {
                 "name": name,
-                "config_hash": config_hash(name),
+                "config_hash": digest,
                 "format": FORMAT_VERSION,
                 "seed": info["seed"],
                 "skills": skills,

@@ -22,7 +22,7 @@ import importlib.metadata as md
 import importlib.util
 from pathlib import Path
 
-from evomerge.zoo.train import TrainConfig, train
+from evomerge.zoo.train import TrainConfig, rounded, train_specialists
 
 SEED = 0
 SKILLS = ["add", "sub", "mul", "rev"]
@@ -33,9 +33,12 @@ UPSTREAM = ("HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF by "
 
 
 def _specialist(skill: str, steps: int, lr: float, replay: float = 0.2) -> TrainConfig:
+    """As in the tiny zoo: the skill, plus the base's own answers on the other skills (so the task
+    vector changes only what the skill needs), with the tied embeddings and the norms frozen."""
     others = [s for s in SKILLS if s != skill]
-    mix = {skill: 1.0 - replay, **{s: replay / len(others) for s in others}}
-    return TrainConfig(mix=mix, steps=steps, lr=lr, batch_size=16, seed=SEED + 1, bf16=True)
+    mix = {skill: 1.0 - replay, **{f"self:{s}": replay / len(others) for s in others}}
+    return TrainConfig(mix=mix, steps=steps, lr=lr, batch_size=16, seed=SEED + 1, bf16=True,
+                       freeze=("embed_tokens", "norm"))
 
 
 SPECIALISTS = {
@@ -133,21 +136,13 @@ def build(out: Path, *, progress: bool = True) -> dict:
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id)
     model.generation_config = GenerationConfig(do_sample=False, **ids)
-    model.save_pretrained(out / "base")
-    tokenizer.save_pretrained(out / "base")
     exclude = held_out_prompts(SKILLS, SEED)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    stats = {}
-    for name, cfg in SPECIALISTS.items():
-        model.load_state_dict(base_state)
-        stats[name] = train(model, tokenizer, cfg, exclude=exclude, desc=f"smol {name}", progress=progress)
-        model.save_pretrained(out / name)
-        tokenizer.save_pretrained(out / name)
+    stats = train_specialists(model, tokenizer, SPECIALISTS, out, exclude=exclude, zoo="smol", progress=progress)
     return {
         "seed": SEED,
         "skills": SKILLS,
         "specialists": list(SPECIALISTS),
-        "specialist_skills": {name: max(cfg.mix, key=cfg.mix.get) for name, cfg in SPECIALISTS.items()},
-        "train": {k: {"loss": round(v["loss"], 4), "seconds": round(v["seconds"], 1)} for k, v in stats.items()},
+        "specialist_skills": {name: name for name in SPECIALISTS},
+        "train": rounded(stats),
         "provenance": provenance(),
     }
