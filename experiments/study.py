@@ -30,13 +30,13 @@ SAMPLERS = ("cmaes", "tpe", "random")
 GENOMES = {"global": "global", "layers": None}  # None: the zoo's group size
 
 
-def search_rows(zoo: str) -> dict[str, list[str]]:
+def search_rows(zoo: str, trials: int | None = None) -> dict[str, list[str]]:
     rows = {}
     for genome, lpg in GENOMES.items():
         for sampler in SAMPLERS:
             group = lpg or ZOOS[zoo]["group"]
             rows[f"{genome}-{sampler}"] = [f"search.layers_per_group={group}", f"sampler={sampler}",
-                                           f"search.n_trials={ZOOS[zoo]['trials']}"]
+                                           f"search.n_trials={trials or ZOOS[zoo]['trials']}"]
     return rows
 
 
@@ -52,10 +52,6 @@ def handset_runs(n_sources: int) -> dict[str, list[str]]:
     }
 
 
-def run_dir(zoo: str, row: str, seed: int | str) -> Path:
-    return ROOT / "runs" / f"study-{zoo}" / row / f"s{seed}"
-
-
 def evomerge(overrides: list[str], out: Path, zoo: str, seed: int) -> None:
     cmd = [sys.executable, "-m", "evomerge.search.app", f"models={zoo}", f"seed={seed}",
            f"study_name=study-{zoo}-{out.parent.name}-{out.name}", f"hydra.run.dir={out}",
@@ -66,16 +62,16 @@ def evomerge(overrides: list[str], out: Path, zoo: str, seed: int) -> None:
     print(f"  done in {time.perf_counter() - start:.0f}s", flush=True)
 
 
-def run_row(zoo: str, row: str, seeds: list[int], n_sources: int) -> None:
+def run_row(runs: Path, zoo: str, row: str, seeds: list[int], n_sources: int, trials: int | None) -> None:
     if row == "handset":
         for name, ov in handset_runs(n_sources).items():
-            evomerge(ov, run_dir(zoo, "handset", name), zoo, 0)
+            evomerge(ov, runs / "handset" / name, zoo, 0)
         return
-    rows = search_rows(zoo)
+    rows = search_rows(zoo, trials)
     if row not in rows:
         raise SystemExit(f"unknown row {row!r}; rows: handset, {', '.join(rows)}")
     for seed in seeds:
-        evomerge(["+search=ties_math", *rows[row]], run_dir(zoo, row, seed), zoo, seed)
+        evomerge(["+search=ties_math", *rows[row]], runs / row / f"s{seed}", zoo, seed)
 
 
 def _load(path: Path) -> dict | None:
@@ -91,9 +87,9 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
-def build_table(zoo: str) -> str:
-    """Markdown table of everything finished so far, plus results/ties_math_<zoo>.json."""
-    base = ROOT / "runs" / f"study-{zoo}"
+def build_table(runs: Path, zoo: str, out: Path) -> str:
+    """Markdown table of everything finished under ``runs``, plus ``out``/ties_math_<zoo>.json."""
+    base = runs
     handset: dict[str, tuple[float, float]] = {}
     for name in handset_runs(1):
         s = _load(base / "handset" / name)
@@ -132,10 +128,10 @@ def build_table(zoo: str) -> str:
                      f"{statistics.mean(wall):.0f} | {statistics.median(merge):.3f} | {statistics.median(ev):.3f} |")
         data["search"][row] = {"search": st, "test": te, "trial_of_winner": when, "wall_s": wall}
     lines.append("")
-    (ROOT / "results").mkdir(exist_ok=True)
-    (ROOT / "results" / f"ties_math_{zoo}.json").write_text(json.dumps(data, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"ties_math_{zoo}.json").write_text(json.dumps(data, indent=2))
     text = "\n".join(lines)
-    (ROOT / "results" / f"ties_math_{zoo}.md").write_text(text)
+    (out / f"ties_math_{zoo}.md").write_text(text)
     return text
 
 
@@ -146,11 +142,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--sources", type=int, default=None, help="number of source models (default: the zoo's math set)")
     ap.add_argument("--table", action="store_true", help="only rebuild the table")
+    ap.add_argument("--trials", type=int, default=None, help="trial budget per search (default: the zoo's)")
+    ap.add_argument("--runs", type=Path, default=None, help="run directories (default: runs/study-<zoo>)")
+    ap.add_argument("--out", type=Path, default=ROOT / "results", help="where the table goes")
     args = ap.parse_args()
+    runs = args.runs or ROOT / "runs" / f"study-{args.zoo}"
     if args.row and not args.table:
         n = args.sources or {"tiny": 2, "smol": 3}[args.zoo]
-        run_row(args.zoo, args.row, args.seeds, n)
-    print(build_table(args.zoo))
+        run_row(runs, args.zoo, args.row, args.seeds, n, args.trials)
+    print(build_table(runs, args.zoo, args.out))
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def _quiet_hflm_class() -> type:
 
 
 @contextlib.contextmanager
-def _no_request_bars() -> Iterator[None]:
+def no_request_bars() -> Iterator[None]:
     """Silence the progress bar lm-eval draws while building each task's requests.
 
     ``Task.build_all_requests`` draws it unconditionally (no argument turns it off),
@@ -214,7 +214,7 @@ class Evaluator:
         lm = self.lm(model)
         model.eval()
         t1 = time.perf_counter()
-        with _no_request_bars():
+        with no_request_bars():
             out = evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=0,
                            log_samples=False, cache_requests=False)
         t2 = time.perf_counter()

@@ -8,12 +8,10 @@ ranks the Pareto front members for ``best/``.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from evomerge.errors import ConfigError
 
@@ -187,7 +185,9 @@ class Scorer:
         else:
             from lm_eval.evaluator import evaluate
 
-            with _quiet_request_bars():
+            from evomerge.evaluation.evaluator import no_request_bars
+
+            with no_request_bars():
                 out = evaluate(lm=self.evaluator.lm(model), task_dict=self.evaluator.task_dict(split), samples=samples,
                                bootstrap_iters=0, log_samples=False, cache_requests=False)
             raw = (out or {}).get("results", {})
@@ -211,19 +211,6 @@ class Scorer:
             a, b = n1[t], n[t] - n1[t]
             combined[t] = {m: (first[t][m] * a + metrics.get(t, {}).get(m, 0.0) * b) / (a + b) for m in first[t]}
         return self._finish(combined, seconds)
-
-
-@contextlib.contextmanager
-def _quiet_request_bars() -> Iterator[None]:
-    """lm-eval draws a progress bar per task while building requests; a search makes hundreds of calls."""
-    import lm_eval.api.task as task_mod
-
-    original = task_mod.tqdm
-    task_mod.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        task_mod.tqdm = original
 
 
 def _count(limit: float | None, n: int) -> int:

@@ -22,7 +22,7 @@ import importlib.metadata as md
 import importlib.util
 from pathlib import Path
 
-from evomerge.zoo.train import TrainConfig, rounded, train_specialists
+from evomerge.zoo.train import TrainConfig, build_info, train_specialists
 
 SEED = 0
 SKILLS = ["add", "sub", "mul", "rev"]
@@ -138,11 +138,4 @@ def build(out: Path, *, progress: bool = True) -> dict:
     model.generation_config = GenerationConfig(do_sample=False, **ids)
     exclude = held_out_prompts(SKILLS, SEED)
     stats = train_specialists(model, tokenizer, SPECIALISTS, out, exclude=exclude, zoo="smol", progress=progress)
-    return {
-        "seed": SEED,
-        "skills": SKILLS,
-        "specialists": list(SPECIALISTS),
-        "specialist_skills": {name: name for name in SPECIALISTS},
-        "train": rounded(stats),
-        "provenance": provenance(),
-    }
+    return {**build_info(SEED, SKILLS, SPECIALISTS, stats), "provenance": provenance()}

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evomerge.zoo.train import TrainConfig, rounded, train, train_specialists
+from evomerge.zoo.train import TrainConfig, build_info, train, train_specialists
 
 SEED = 0
 SKILLS = ["add", "sub", "rev"]
@@ -94,11 +94,4 @@ def build(out: Path, *, progress: bool = True) -> dict:
     stats = {"pretrain": train(model, tokenizer, PRETRAIN, exclude=exclude, desc="tiny pretrain", progress=progress),
              "base": train(model, tokenizer, FORGET, exclude=exclude, desc="tiny base (forget)", progress=progress)}
     stats |= train_specialists(model, tokenizer, SPECIALISTS, out, exclude=exclude, zoo="tiny", progress=progress)
-    return {
-        "seed": SEED,
-        "skills": SKILLS,
-        "specialists": list(SPECIALISTS),
-        "specialist_skills": {name: name for name in SPECIALISTS},
-        "train": rounded(stats),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
+    return {**build_info(SEED, SKILLS, SPECIALISTS, stats), "parameters": sum(p.numel() for p in model.parameters())}

@@ -217,6 +217,12 @@ def train_specialists(
     return stats
 
 
-def rounded(stats: dict[str, dict]) -> dict[str, dict]:
-    """Training stats as the manifest records them."""
-    return {k: {**v, "loss": round(v["loss"], 4), "seconds": round(v["seconds"], 1)} for k, v in stats.items()}
+def build_info(seed: int, skills: list[str], specialists: dict[str, TrainConfig], stats: dict[str, dict]) -> dict:
+    """What a zoo's ``build`` reports for its manifest: specialists are named after their skill."""
+    return {
+        "seed": seed,
+        "skills": skills,
+        "specialists": list(specialists),
+        "specialist_skills": {name: name for name in specialists},
+        "train": {k: {**v, "loss": round(v["loss"], 4), "seconds": round(v["seconds"], 1)} for k, v in stats.items()},
+    }
