@@ -73,7 +73,7 @@ def _table(args: argparse.Namespace) -> None:
     text = "\n".join([
         f"Split `{args.split}`, {items} items per task; em = exact match of the final "
         f"answer (generate_until), ll acc = 4-way multiple choice by log-likelihood. Bold: best in column.",
-        f"Zoo built in {zoo.manifest.get('build_seconds', '?')} s ({zoo.manifest.get('threads', '?')} threads); "
+        f"Zoo built in {zoo.manifest.get('build_seconds', '?')} s (torch threads: {zoo.manifest.get('threads', '?')}); "
         f"table computed in {table.seconds:.0f} s on {time.strftime('%Y-%m-%d')}. Regenerate: `{cmd}`",
         "",
         table.markdown(),
