@@ -81,6 +81,8 @@ def test_scores_follow_weights_changed_in_place(tiny_zoo):
     fresh = Evaluator(tok, tasks, include_paths=[str(tiny_zoo.task_dir)]).evaluate(
         _load(tiny_zoo.specialists["add"]), "search", limit=100)
     assert r_add == fresh  # in-place weights score exactly like a freshly loaded model
+    # ...and its pairs were tokenised once (100 items x 4 choices), the second call reusing them
+    assert len(ev.lm(model).__dict__["_evomerge_pairs"]) == 400
     assert r_add["evomerge_add"]["exact_match"] > r_base["evomerge_add"]["exact_match"]
 
     with torch.no_grad():

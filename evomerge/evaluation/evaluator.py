@@ -64,6 +64,16 @@ def _quiet_hflm_class() -> type:
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):  # type: ignore[override]
             return super().loglikelihood_rolling(requests, disable_tqdm=True)
 
+        def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+            # A search scores the same (prompt, choice) pairs with every candidate: tokenise each once
+            # per process. The tokenizer never changes under a wrapper, so the cache cannot go stale.
+            cache = self.__dict__.setdefault("_evomerge_pairs", {})
+            hit = cache.get((context, continuation))
+            if hit is None:
+                ctx, cont = super()._encode_pair(context, continuation)
+                hit = cache[(context, continuation)] = (tuple(ctx), tuple(cont))
+            return list(hit[0]), list(hit[1])
+
     return QuietHFLM
 
 
