@@ -24,7 +24,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -34,6 +34,23 @@ from evomerge.errors import EvomergeError
 from evomerge.search.storage import heartbeat_enabled
 
 MAX_CONSECUTIVE_FAILURES = 5
+
+T = TypeVar("T")
+
+
+def lazy(make: Callable[[], T], on_built: Callable[[float], None]) -> Callable[[], T]:
+    """``make()`` on first call only, then ``on_built(start time)``: a resumed study that is already
+    done never pays for preparing the merge engine."""
+    built: list[T] = []
+
+    def get() -> T:
+        if not built:
+            start = time.perf_counter()
+            built.append(make())
+            on_built(start)
+        return built[0]
+
+    return get
 
 
 def retry_of(trials: list[FrozenTrial]) -> set[int]:

@@ -135,15 +135,7 @@ class SearchSession:
         n_trials = self.spec.n_trials
         if done:
             print(f"evomerge: resuming study {study.study_name!r}: {min(done, n_trials)} of {n_trials} trials done.")
-        engine: Any = None
-
-        def get_engine() -> Any:
-            nonlocal engine
-            if engine is None:
-                t = time.perf_counter()
-                engine = self._engine()
-                self._timed("prepare_s", t)
-            return engine
+        get_engine = driver.lazy(self._engine, lambda start: self._timed("prepare_s", start))
 
         stats = driver.LoopStats()
         start = time.perf_counter()

@@ -157,15 +157,7 @@ class ClusterSession(SearchSession):
         start_tally = tally(study.get_trials(deepcopy=False))
         print(f"evomerge: worker {self.worker} joined study {name!r} in {storage_url(self.storage)}: "
               f"{min(start_tally.finished, n_trials)} of {n_trials} trials finished, {start_tally.running} running.")
-        engine: Any = None
-
-        def get_engine() -> Any:
-            nonlocal engine
-            if engine is None:
-                t = time.perf_counter()
-                engine = self._engine()
-                self._timed("prepare_s", t)
-            return engine
+        get_engine = driver.lazy(self._engine, lambda start: self._timed("prepare_s", start))
 
         stats, ran, taken_over = driver.LoopStats(), [], []
         start = time.perf_counter()
