@@ -21,7 +21,6 @@ from omegaconf import DictConfig, OmegaConf
 from evomerge.errors import ConfigError, EvomergeError, user_errors
 
 
-
 def _conf_dir() -> str:
     """The configs live in the package (so wheels carry them); the repository's conf/ links there."""
     return str(Path(__file__).resolve().parents[1] / "conf")

@@ -35,6 +35,22 @@ from evomerge.search.storage import heartbeat_enabled
 
 MAX_CONSECUTIVE_FAILURES = 5
 
+
+class FailureStreak:
+    """Stops a search whose candidates keep failing: a broken input would otherwise spend the whole
+    budget on failures. ``where`` names the process in the message (" on this worker")."""
+
+    def __init__(self, where: str = "") -> None:
+        self.where, self.count, self.last_reason = where, 0, ""
+
+    def record(self, state: TrialState, reason: str | None) -> None:
+        self.count = self.count + 1 if state == TrialState.FAIL else 0
+        self.last_reason = reason or self.last_reason
+        if self.count >= MAX_CONSECUTIVE_FAILURES:
+            raise EvomergeError(f"{self.count} candidates in a row failed{self.where}; the last one: "
+                                f"{self.last_reason}. Fix the cause and rerun the same command to resume.")
+
+
 T = TypeVar("T")
 
 
@@ -173,8 +189,7 @@ class SearchLoop:
         done = count_finished(self.study)
         bar = tqdm(total=self.n_trials, initial=min(done, self.n_trials), desc="search", unit="trial",
                    disable=not self.progress, dynamic_ncols=True)
-        failures = 0
-        last_reason = ""
+        failures = FailureStreak()
         try:
             while done < self.n_trials:
                 if self.mirror.shared:
@@ -182,11 +197,7 @@ class SearchLoop:
                 state, reason = self._one_trial()
                 done += 1
                 bar.update(1)
-                failures = failures + 1 if state == TrialState.FAIL else 0
-                last_reason = reason or last_reason
-                if failures >= MAX_CONSECUTIVE_FAILURES:
-                    raise EvomergeError(f"{failures} candidates in a row failed; the last one: {last_reason}. "
-                                        f"Fix the cause and rerun the same command to resume.")
+                failures.record(state, reason)
                 self._postfix(bar)
         except KeyboardInterrupt:
             self.stats.interrupted = True

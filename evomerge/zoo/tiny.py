@@ -1,4 +1,4 @@
-"""The tiny zoo: a character-level Llama base and three specialists (about 7 min on 2 CPU cores).
+"""The tiny zoo: a character-level Llama base and three specialists (about 8 min on 2 CPU cores).
 
 Why it exists: tests, CI and the quick default search need real transformers
 models whose merges behave like real merges, without a download or a GPU.
@@ -12,11 +12,10 @@ probes are 90 % right: carrying is learnt in a sudden phase change whose step
 varies between runs, so a fixed step count gave anything from 40 % to 99 %), then
 lets it partly forget the hard parts (carries, borrows, reversal) by fine-tuning
 on easy material only (``FORGET``: carry-free sums, copying); that model is the
-zoo's base. Each
-specialist then recalls one skill with a short, low-learning-rate fine-tune, and
-replays the base's own answers on the other skills (``self:<skill>``, a cheap
-stand-in for a KL penalty) with embeddings and norms frozen, so its task vector
-moves only what its skill needs. Measured (results/zoo.md): each specialist
+zoo's base. Each specialist then recalls one skill with a short, low-learning-rate
+fine-tune, and replays the base's own answers on the other skills (``self:<skill>``,
+a cheap stand-in for a KL penalty) with embeddings and norms frozen, so its task
+vector moves only what its skill needs. Measured (results/zoo.md): each specialist
 clearly beats the base on its own skill, none is best at both add and sub, and a
 plain task-arithmetic merge of the add and sub specialists beats either on the
 math mix -- merging is worth doing, and the search has something to find.

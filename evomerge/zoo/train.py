@@ -105,19 +105,19 @@ def _collate(rows: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _answer_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over answer tokens, projecting only those to the vocabulary.
+def _answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over answer tokens, projecting only those to the vocabulary.
 
-    With ``reduction="mean"`` equal to ``model(**batch, labels=...).loss``, but the LM
-    head (49k x 576 for SmolLM2: a third of a short sequence's FLOPs) runs on answer
-    positions only.
+    Divided by the answer-token count it equals ``model(**batch, labels=...).loss``, but
+    the LM head (49k x 576 for SmolLM2: a third of a short sequence's FLOPs) runs on
+    answer positions only. Summed, so that length buckets of one batch add up to its mean.
     """
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  use_cache=False).last_hidden_state[:, :-1]
     target = batch["labels"][:, 1:]
     keep = target != -100
     logits = model.get_output_embeddings()(hidden[keep])
-    return torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction=reduction)
+    return torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="sum")
 
 
 def _length_buckets(rows: list[tuple[list[int], int]], width: int = 8) -> list[list[tuple[list[int], int]]]:
@@ -179,7 +179,7 @@ def train(
         total = 0.0
         for bucket in _length_buckets(rows):
             with autocast:
-                part = _answer_loss(model, _collate(bucket, pad_id), reduction="sum") / n_tokens
+                part = _answer_loss(model, _collate(bucket, pad_id)) / n_tokens
             part.backward()
             total += part.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -33,7 +33,6 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
-from evomerge.errors import EvomergeError
 from evomerge.search import driver
 from evomerge.search.storage import heartbeat_enabled
 
@@ -140,7 +139,7 @@ class ClusterLoop(driver.SearchLoop):
     def run(self) -> driver.LoopStats:
         bar = tqdm(total=self.n_trials, desc="search (study-wide)", unit="trial", disable=not self.progress,
                    dynamic_ncols=True)
-        failures, last_reason = 0, ""
+        failures = driver.FailureStreak(" on this worker")
         try:
             while True:
                 try:
@@ -157,11 +156,7 @@ class ClusterLoop(driver.SearchLoop):
                     self.taken_over.append(number)
                     tqdm.write(f"trial {number} was failed by another worker (missed heartbeats); its retry will run it.")
                     continue
-                failures = failures + 1 if state == TrialState.FAIL else 0
-                last_reason = reason or last_reason
-                if failures >= driver.MAX_CONSECUTIVE_FAILURES:
-                    raise EvomergeError(f"{failures} candidates in a row failed on this worker; the last one: "
-                                        f"{last_reason}. Fix the cause and rerun the same command to resume.")
+                failures.record(state, reason)
                 self._sync_bar(bar)
                 self._postfix(bar)
         except KeyboardInterrupt:
