@@ -235,7 +235,7 @@ def _app(run_dir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedP
 def e2e(tiny_zoo, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
     start = time.perf_counter()
-    proc = _app(run_dir, *SMALL)
+    proc = _app(run_dir, *SMALL, f"final.score_cache={run_dir.parent / 'scores'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc, time.perf_counter() - start
 
@@ -292,6 +292,38 @@ def test_rerun_after_the_end_resumes_without_new_work(e2e):
     after = json.loads((run_dir / "summary.json").read_text())
     assert after["trials"] == before["trials"] and after["best"]["test_fitness"] == before["best"]["test_fitness"]
     assert after["timings"]["per_candidate"] == {}
+
+
+@pytest.mark.slow
+def test_another_run_takes_the_baselines_full_scores_from_the_cache(e2e):
+    run_dir, _, _ = e2e
+    cache = run_dir.parent / "scores"
+    entries = {p: p.stat().st_mtime_ns for p in cache.rglob("*.json")}
+    # 2 top candidates + 3 baselines, each on the full search and test splits
+    assert len(entries) == 2 * 5, sorted(entries)
+    other = run_dir.parent / "other"  # a new study: only the three baselines, scored by the cache
+    proc = _app(other, *SMALL, "search.n_trials=3", f"final.score_cache={cache}", "final.export_model=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.json")} == entries  # nothing scored, nothing rewritten
+    first, again = (json.loads((d / "summary.json").read_text())["baselines"] for d in (run_dir, other))
+    for name, b in first.items():
+        assert again[name]["test_fitness"] == b["test_fitness"] and again[name]["search_full_fitness"] == b["search_full_fitness"]
+
+
+def test_score_cache_key_follows_recipe_split_and_model_files(family, tmp_path):
+    from evomerge.search.score_cache import ScoreCache
+
+    g = genome(family)
+    cache = ScoreCache(tmp_path / "c", {"eval_dtype": "float32"}, [])
+    r = g.recipe(g.baselines()["textbook"])
+    cache.put(r, "test", {"fitness": 0.5})
+    assert cache.get(r, "test") == {"fitness": 0.5}
+    assert cache.get(r, "search") is None
+    assert cache.get(g.recipe(g.baselines()["alone:m0"]), "test") is None
+    assert ScoreCache(tmp_path / "c", {"eval_dtype": "bfloat16"}, []).get(r, "test") is None
+    weights = next(Path(family[1]["m0"]).glob("*.safetensors"))
+    weights.touch()  # a rebuilt model: same name, new file
+    assert ScoreCache(tmp_path / "c", {"eval_dtype": "float32"}, []).get(r, "test") is None
 
 
 @pytest.mark.slow

@@ -20,6 +20,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
+from evomerge.search.score_cache import ScoreCache
+
 
 @dataclass
 class Candidate:
@@ -101,26 +103,43 @@ def choose(top: list[Candidate], baselines: list[Candidate], margin_se: float) -
 
 
 def rescore(study: optuna.Study, genome: Any, get_engine: Any, scorer: Any, *, top_k: int, rescore_search: bool,
-            search_limit: float | None, progress: bool = True, margin_se: float = 1.0) -> FinalResult:
+            search_limit: float | None, progress: bool = True, margin_se: float = 1.0,
+            cache: ScoreCache | None = None) -> FinalResult:
     """Re-score the top candidates and the baselines, then pick the winner on the search split.
 
     ``get_engine()`` builds the prepared merge only if some candidate still needs scoring. A searched
     candidate wins over the best baseline only when its search-split advantage exceeds ``margin_se``
     standard errors of the difference: a hand-made recipe is kept unless the evidence says otherwise.
+    ``cache`` (see score_cache.py) serves full-split scores that another run already computed.
     """
     start = time.perf_counter()
     top, baselines, front = select(study, top_k, genome.seed)
     everyone = top + baselines
     todo = [c for c in everyone if f"final:{c.number}" not in study.user_attrs]
     for c in tqdm(todo, desc="held-out test", unit="model", disable=not progress or not todo):
-        engine = get_engine()
-        engine.apply(genome.recipe(c.params, seed=c.seed))
+        recipe = genome.recipe(c.params, seed=c.seed)
+        applied = False
+
+        def full_split(split: str) -> dict[str, Any]:
+            nonlocal applied
+            hit = cache.get(recipe, split) if cache is not None else None
+            if hit is not None:
+                return hit
+            if not applied:
+                get_engine().apply(recipe)
+                applied = True
+            s = scorer.score(get_engine().model, split, None)
+            rec = {"fitness": s.fitness, "metrics": s.metrics, "values": s.values}
+            if cache is not None:
+                cache.put(recipe, split, rec)
+            return rec
+
         record: dict[str, Any] = {}
         if rescore_search and search_limit is not None:
-            full = scorer.score(engine.model, "search", None)
-            record.update(search_full=full.fitness, search_full_metrics=full.metrics)
-        test = scorer.score(engine.model, "test", None)
-        record.update(test=test.fitness, test_metrics=test.metrics, test_values=test.values)
+            full = full_split("search")
+            record.update(search_full=full["fitness"], search_full_metrics=full["metrics"])
+        test = full_split("test")
+        record.update(test=test["fitness"], test_metrics=test["metrics"], test_values=test["values"])
         study.set_user_attr(f"final:{c.number}", record)
     attrs = study.user_attrs
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}

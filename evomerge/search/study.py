@@ -22,6 +22,7 @@ from evomerge.search.fitness import Scorer, TaskSpec, objective_names
 from evomerge.search.genome import Genome, layout_of
 from evomerge.search.models import pick_sources, resolve_models
 from evomerge.search.samplers import make_pruner, make_sampler
+from evomerge.search.score_cache import ScoreCache
 from evomerge.search.spec import parse_search
 from evomerge.search.storage import make_storage, storage_url
 
@@ -151,14 +152,31 @@ class SearchSession:
             print(f"\nevomerge: interrupted; exporting the best so far. Rerun the same command to resume "
                   f"({driver.count_finished(study)} of {n_trials} trials done).")
         start, prep = time.perf_counter(), self.timings.get("prepare_s", 0.0)
-        final = rescore(study, self.genome, get_engine, self.scorer, top_k=int(self.raw["final"]["top_k"]),
-                        rescore_search=bool(self.raw["final"].get("rescore_search", True)),
-                        search_limit=self.spec.limit, progress=self.progress,
-                        margin_se=float(self.raw["final"].get("margin_se", 1.0)))
+        final = self._rescore(study, get_engine)
         self.timings["final_s"] = round(time.perf_counter() - start - (self.timings.get("prepare_s", 0.0) - prep), 3)
         summary = self._outputs(study, final, stats.interrupted)
         _print_summary(summary, self.run_dir)
         return summary
+
+    def _rescore(self, study: optuna.Study, get_engine: Any) -> FinalResult:
+        final = self.raw["final"]
+        return rescore(study, self.genome, get_engine, self.scorer, top_k=int(final["top_k"]),
+                       rescore_search=bool(final.get("rescore_search", True)), search_limit=self.spec.limit,
+                       progress=self.progress, margin_se=float(final.get("margin_se", 1.0)),
+                       cache=self._score_cache())
+
+    def _score_cache(self) -> ScoreCache | None:
+        root = self.raw["final"].get("score_cache")
+        if not root:
+            return None
+        if root == "auto":
+            from evomerge.zoo.build import cache_root
+
+            root = cache_root() / "scores"
+        context = {"tasks": _fitness_key(self.tasks, self.objectives, None), "eval_dtype": self.raw["eval_dtype"],
+                   "batch_size": self.raw["batch_size"], "max_gen_toks": self.raw.get("max_gen_toks"),
+                   "device": getattr(self.device, "type", str(self.device))}
+        return ScoreCache(root, context, self.models.task_dirs)
 
     def _engine(self) -> Any:
         import torch

@@ -28,7 +28,6 @@ from evomerge.search.cluster import final as final_claim
 from evomerge.search.cluster.budget import ClusterLoop, tally
 from evomerge.search.cluster.storage import postgres_url, study_mutex
 from evomerge.search.fitness import TaskSpec
-from evomerge.search.final import rescore
 from evomerge.search.storage import heartbeat_enabled, make_storage, storage_url
 from evomerge.search.study import SearchSession, _print_summary
 
@@ -191,9 +190,7 @@ class ClusterSession(SearchSession):
               f"held-out evaluation and export into {self.run_dir}.")
         start, prep = time.perf_counter(), self.timings.get("prepare_s", 0.0)
         with final_claim.beating(study, claim, self._interval()):
-            final = rescore(study, self.genome, get_engine, self.scorer, top_k=int(self.raw["final"]["top_k"]),
-                            rescore_search=bool(self.raw["final"].get("rescore_search", True)),
-                            search_limit=self.spec.limit, progress=self.progress)
+            final = self._rescore(study, get_engine)
             self.timings["final_s"] = round(time.perf_counter() - start - (self.timings.get("prepare_s", 0.0) - prep), 3)
             summary = self._outputs(study, final, False)
         summary["cluster"] = {"exported_by": self.worker, "workers": _workers(study)}

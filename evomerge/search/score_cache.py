@@ -1,0 +1,77 @@
+"""Full-split scores of recipes, kept on disk and shared by every run on this machine.
+
+Why: the end of every search re-scores its baselines (each source alone, the
+textbook recipe) on the full search and test splits. Those recipes are the same
+in every run of a study grid — other seeds, other samplers, other genomes — and
+on the smol zoo they were most of a run's wall time. A score is a pure function
+of the merged weights and the evaluation set-up, so it is looked up instead.
+
+The key holds everything a score depends on: the recipe (method, models,
+parameters, seed), each model directory's files (name, size, modification time),
+the tasks and their directories' files, the split, and the evaluation settings
+(dtype, batch size, device type, generation cap). Change any and the entry is
+simply not found. ``final.score_cache=null`` turns the cache off.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _files(directory: str) -> list[tuple[str, int, int]]:
+    """(relative name, size, mtime_ns) of every file under ``directory``: cheap and changes when any file does."""
+    root = Path(directory)
+    if not root.exists():
+        return []
+    if root.is_file():
+        st = root.stat()
+        return [(root.name, st.st_size, st.st_mtime_ns)]
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out.append((str(p.relative_to(root)), st.st_size, st.st_mtime_ns))
+    return out
+
+
+class ScoreCache:
+    """``get``/``put`` of one split's score record for one recipe, under a fixed evaluation context."""
+
+    def __init__(self, root: str | Path, context: dict[str, Any], task_dirs: list[str]) -> None:
+        self.root = Path(root).expanduser()
+        self.context = {**context, "task_dirs": {d: _files(d) for d in task_dirs}}
+        self._model_files: dict[str, Any] = {}
+
+    def _key(self, recipe: Any, split: str) -> str:
+        models = {}
+        for ref in recipe.all_model_refs():
+            if ref not in self._model_files:
+                self._model_files[ref] = _files(ref)
+            models[ref] = self._model_files[ref]
+        blob = json.dumps({"recipe": recipe.to_dict(), "models": models, "split": split, **self.context},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _path(self, recipe: Any, split: str) -> Path:
+        key = self._key(recipe, split)
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, recipe: Any, split: str) -> dict[str, Any] | None:
+        path = self._path(recipe, split)
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # absent or unreadable: score it again
+
+    def put(self, recipe: Any, split: str, record: dict[str, Any]) -> None:
+        path = self._path(recipe, split)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path)  # atomic: a concurrent reader sees the whole record or none
+        except OSError:
+            pass  # a read-only or full cache costs time, never a result
