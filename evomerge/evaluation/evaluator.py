@@ -64,6 +64,14 @@ def _quiet_hflm_class() -> type:
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):  # type: ignore[override]
             return super().loglikelihood_rolling(requests, disable_tqdm=True)
 
+        @property
+        def max_length(self) -> int:  # type: ignore[override]
+            # lm-eval asks once per request and HFLM re-derives it from the model config each time
+            # (~10 us of config attribute lookups): a fixed property of the wrapper, worked out once.
+            if "_evomerge_max_length" not in self.__dict__:
+                self.__dict__["_evomerge_max_length"] = HFLM.max_length.fget(self)
+            return self.__dict__["_evomerge_max_length"]
+
         def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
             # A search scores the same (prompt, choice) pairs with every candidate: tokenise each once
             # per process. The tokenizer never changes under a wrapper, so the cache cannot go stale.
@@ -195,6 +203,8 @@ class Evaluator:
             if was_enabled:
                 datasets.enable_progress_bars()
         tasks = loaded["tasks"]
+        for task in tasks.values():
+            _reuse_requests(task)
         if self.max_gen_toks is not None:
             for task in tasks.values():
                 if task.OUTPUT_TYPE == "generate_until":
@@ -214,19 +224,54 @@ class Evaluator:
         return self._lm
 
     def evaluate(
-        self, model, split: str = "search", limit: int | float | None = None
+        self, model, split: str = "search", limit: int | float | None = None,
+        samples: dict[str, list[int]] | None = None,
     ) -> dict[str, dict[str, float]]:
-        """task name -> {metric name: value}. Weights may change in place between calls."""
+        """task name -> {metric name: value}. Weights may change in place between calls.
+
+        ``samples``: item indices per task (lm-eval's ``samples``), instead of ``limit``; tasks
+        not named are skipped.
+        """
         from lm_eval.evaluator import evaluate
 
         t0 = time.perf_counter()
         task_dict = self.task_dict(split)
+        if samples is not None:
+            task_dict = {**task_dict, "tasks": {t: task_dict["tasks"][t] for t in samples}}
         lm = self.lm(model)
         model.eval()
         t1 = time.perf_counter()
         with no_request_bars():
-            out = evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=0,
+            out = evaluate(lm=lm, task_dict=task_dict, limit=limit, samples=samples, bootstrap_iters=0,
                            log_samples=False, cache_requests=False)
         t2 = time.perf_counter()
         self.last_timing = {"setup_s": t1 - t0, "evaluate_s": t2 - t1}
         return {name: _flatten(res) for name, res in out["results"].items()}
+
+
+def _reuse_requests(task: Any) -> None:
+    """Build a task's lm-eval requests once per (limit, samples) and hand the same ones back after.
+
+    Why: ``lm_eval.evaluator.evaluate`` rebuilds every request (Jinja prompt, ``Instance`` objects)
+    on every call, although a search asks for the same items with every candidate. Only the
+    responses change, so a reused request has them cleared. The split's documents become a plain
+    list for the same reason: lm-eval walks them again to score each call, and a ``datasets`` row
+    costs an Arrow decode each time.
+    """
+    split = task.config.test_split
+    if split is not None and split in (task.dataset or {}):
+        task.dataset = {**task.dataset, split: list(task.dataset[split])}
+    original = task.build_all_requests
+    built: dict[Any, list[Any]] = {}
+
+    def build_all_requests(*, limit: int | None = None, samples: list[int] | None = None, **kwargs: Any) -> None:
+        key = (limit, None if samples is None else tuple(samples), repr(sorted(kwargs.items())))
+        if key not in built:
+            original(limit=limit, samples=samples, **kwargs)
+            built[key] = task._instances
+        for inst in built[key]:
+            inst.resps.clear()
+            inst.filtered_resps.clear()
+        task._instances = built[key]
+
+    task.build_all_requests = build_all_requests

@@ -175,22 +175,10 @@ class Scorer:
         return {t: _count(limit, n) for t, n in self._size(split).items()}
 
     def score_items(self, model: Any, split: str, items: dict[str, range]) -> tuple[dict[str, dict[str, float]], float]:
-        """Metrics over the given item indices of each task (the Evaluator's ``samples`` when it has one)."""
-        import inspect
-
+        """Metrics over the given item indices of each task."""
         start = time.perf_counter()
         samples = {t: list(r) for t, r in items.items() if len(r)}
-        if "samples" in inspect.signature(self.evaluator.evaluate).parameters:
-            raw = self.evaluator.evaluate(model, split=split, samples=samples)
-        else:
-            from lm_eval.evaluator import evaluate
-
-            from evomerge.evaluation.evaluator import no_request_bars
-
-            with no_request_bars():
-                out = evaluate(lm=self.evaluator.lm(model), task_dict=self.evaluator.task_dict(split), samples=samples,
-                               bootstrap_iters=0, log_samples=False, cache_requests=False)
-            raw = (out or {}).get("results", {})
+        raw = self.evaluator.evaluate(model, split=split, samples=samples) if samples else {}
         metrics = {t: {k.split(",")[0]: float(v) for k, v in raw.get(t, {}).items()
                        if isinstance(v, (int, float)) and "stderr" not in k and k not in ("sample_len", "alias")}
                    for t in samples}
