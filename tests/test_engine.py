@@ -243,3 +243,28 @@ def test_fused_kernel_matches_eager(llama, tmp_path, method, params, glob):
     eager2 = PreparedMerge(r2, fused=False, progress=False).state_dict()
     for name, t in engine.state_dict().items():
         torch.testing.assert_close(t, eager2[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_non_finite_merge_names_the_tensor(llama, tmp_path, fused):
+    """A merge that yields inf/NaN is one clear error naming the tensor, in the prepared engine and one-shot."""
+    from safetensors.torch import save_file
+
+    from evomerge.errors import MergeError
+
+    base, fts = llama
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(fts[0], bad)
+    (weights,) = bad.glob("*.safetensors")
+    state = load_file(str(weights))
+    name = next(n for n in state if n.endswith("layers.1.mlp.up_proj.weight"))
+    state[name][0, 0] = float("inf")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    r = _recipe("ties", base, [bad, fts[1]], [{"weight": 0.5, "density": 0.5}] * 2)
+    with pytest.raises(MergeError, match=r"layers\.1\.mlp\.up_proj\.weight.*NaN or infinite"):
+        PreparedMerge(r, fused=fused, progress=False)
+    with pytest.raises(MergeError, match=r"layers\.1\.mlp\.up_proj\.weight.*NaN or infinite"):
+        merge_to_dir(r, tmp_path / "out", fused=fused, progress=False)
+    assert not (tmp_path / "out").exists()

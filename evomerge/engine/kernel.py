@@ -42,11 +42,15 @@ def run_job(
     aux: list[SparsifyAux] | None = None,
     out: torch.Tensor | None = None,
     fused: bool = False,
+    checks: list[tuple[str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Resolve the job's parameters under ``recipe`` and run the method on float32 inputs.
 
     With ``out`` the result is written there (the live parameter); with ``fused``
     the method's one-pass kernel writes it directly (see :mod:`evomerge.methods.fused`).
+    The result must be finite: checked here, or, when ``checks`` is given, the
+    result's sum is appended to it for :func:`raise_if_not_finite` to check once for
+    a whole candidate (no host sync per tensor on a GPU).
     """
     model_params, params = plan.resolve(job, recipe)
     inputs = MergeInputs(
@@ -54,16 +58,29 @@ def run_job(
         tensor_name=job.out_name, aux=aux,
     )
     if fused and out is not None:
-        fused_kernels.merge_into(plan.method, inputs, out)
+        total = fused_kernels.merge_into(plan.method, inputs, out)
     else:
         result = plan.method.merge(inputs)
         out = result if out is None else out.copy_(result)
-    if not torch.isfinite(out.sum()):
-        raise MergeError(
-            f"{recipe.source_file}: merging tensor {job.out_name!r} produced NaN or infinite values; "
-            f"check the weights (a weight sum near zero with normalize: true divides by ~0)."
-        )
+        total = out.sum()
+    if checks is None:
+        raise_if_not_finite([(job.out_name, total)], recipe)
+    else:
+        checks.append((job.out_name, total))
     return out
+
+
+def raise_if_not_finite(checks: list[tuple[str, torch.Tensor]], recipe: Recipe) -> None:
+    """One clear error naming the first tensor whose merged values sum to NaN or infinity."""
+    if not checks:
+        return
+    if bool(torch.isfinite(torch.stack([t.float() for _, t in checks])).all()):
+        return
+    name = next(n for n, t in checks if not torch.isfinite(t))
+    raise MergeError(
+        f"{recipe.source_file}: merging tensor {name!r} produced NaN or infinite values; "
+        f"check the weights (a weight sum near zero with normalize: true divides by ~0)."
+    )
 
 
 def random_aux(plan: MergePlan, job: TensorJob, seed: int, shape: torch.Size, device: torch.device) -> list[SparsifyAux] | None:

@@ -32,7 +32,7 @@ from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from evomerge.engine.kernel import choose_fused, input_bytes, random_aux, resolve_device, run_job
+from evomerge.engine.kernel import choose_fused, input_bytes, random_aux, raise_if_not_finite, resolve_device, run_job
 from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import MergeError
@@ -223,6 +223,7 @@ class PreparedMerge:
                 f"engine ({self.recipe.merge_method} over {self.recipe.all_model_refs()}); prepare a new engine."
             )
         start = time.perf_counter()
+        checks: list[tuple[str, torch.Tensor]] = []
         for job in self.plan.jobs:
             param = self._params.get(job.out_name)
             if param is None:
@@ -230,7 +231,7 @@ class PreparedMerge:
             base, inputs, aux = self._inputs(job, recipe)
             views = {"deltas": inputs} if self._needs_base else {"models": inputs}
             try:
-                run_job(self.plan, job, recipe, base=base, aux=aux, out=param, fused=self.fused, **views)
+                run_job(self.plan, job, recipe, base=base, aux=aux, out=param, fused=self.fused, checks=checks, **views)
             except MergeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a compiler failure falls back to eager torch
@@ -238,9 +239,8 @@ class PreparedMerge:
                     raise
                 warnings.warn(f"fused merge kernel unavailable ({type(exc).__name__}: {exc}); using eager torch")
                 self.fused = False
-                run_job(self.plan, job, recipe, base=base, aux=aux, out=param, **views)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+                run_job(self.plan, job, recipe, base=base, aux=aux, out=param, checks=checks, **views)
+        raise_if_not_finite(checks, recipe)  # also waits for the device's queued kernels
         return ApplyTiming(seconds=time.perf_counter() - start, tensors=len(self._params))
 
     def state_dict(self) -> dict[str, torch.Tensor]:

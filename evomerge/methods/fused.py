@@ -44,7 +44,7 @@ def _mask(d: torch.Tensor, u: torch.Tensor | None, lo: torch.Tensor, hi: torch.T
 
 def _gta(base: torch.Tensor, deltas: list[torch.Tensor], uniforms: list[torch.Tensor] | None,
          lo: torch.Tensor, hi: torch.Tensor, p: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor,
-         total_weight: torch.Tensor, lam: torch.Tensor, out: torch.Tensor, consensus: bool, normalize: bool) -> None:
+         total_weight: torch.Tensor, lam: torch.Tensor, out: torch.Tensor, consensus: bool, normalize: bool) -> torch.Tensor:
     contribs = []
     for i, d in enumerate(deltas):
         u = None if uniforms is None else uniforms[i]
@@ -68,7 +68,9 @@ def _gta(base: torch.Tensor, deltas: list[torch.Tensor], uniforms: list[torch.Te
             mixed = mixed + c
         if normalize:
             mixed = mixed / total_weight
-    out.copy_(base + mixed * lam)
+    merged = base + mixed * lam
+    out.copy_(merged)
+    return merged.sum()  # the NaN/inf check, accumulated in the same loop instead of another read of ``out``
 
 
 def _kept_l1(d: torch.Tensor, u: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -88,8 +90,12 @@ def fusable(method: MergeMethod) -> bool:
     return method.name in FUSABLE
 
 
-def merge_into(method: MergeMethod, inputs: MergeInputs, out: torch.Tensor) -> None:
-    """Merge ``inputs`` with ``method`` and write the result into ``out`` (any float dtype)."""
+def merge_into(method: MergeMethod, inputs: MergeInputs, out: torch.Tensor) -> torch.Tensor:
+    """Merge ``inputs`` with ``method`` into ``out`` (any float dtype); returns the sum of the merged values.
+
+    The sum is finite exactly when every merged value is (barring float32 overflow of the total):
+    the caller's NaN check, for free.
+    """
     from evomerge.methods._util import gparam, mparam  # noqa: PLC0415 (avoid a cycle at import)
     from evomerge.methods import task_arithmetic as ta  # noqa: PLC0415
 
@@ -140,7 +146,7 @@ def merge_into(method: MergeMethod, inputs: MergeInputs, out: torch.Tensor) -> N
     total = sum(weight)
     dev = base.device
     t = lambda xs: torch.tensor(xs, dtype=torch.float32, device=dev)  # noqa: E731
-    _kernel("gta", _gta)(
+    return _kernel("gta", _gta)(
         base, deltas, uniforms, t(lo), t(hi), t(p), t(coef), t(weight),
         t([total if abs(total) >= 1e-8 else 1.0])[0], t([float(gparam(inputs, ta.LAMBDA))])[0], out,
         consensus, normalize,
