@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +173,19 @@ def test_table_section_is_replaced_not_appended(tmp_path):
 def test_unknown_zoo_is_a_user_error():
     with pytest.raises(zoo_build.ZooError, match="unknown zoo"):
         build_zoo("huge")
+
+
+def test_tiny_base_is_the_shipped_one(tiny_zoo):
+    """The tiny zoo trains only its specialists: the base is the package's file, bit for bit."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from evomerge.zoo import tiny
+
+    assert tiny.SHIPPED_BASE.is_file()
+    digest = hashlib.sha256(tiny.SHIPPED_BASE.read_bytes()).hexdigest()
+    assert tiny_zoo.manifest["train"]["base"] == {"shipped": tiny.SHIPPED_BASE.name, "sha256": digest}
+    assert tiny.spec()["shipped_base"] == digest  # a new file means a new config hash, hence a rebuild
+    shipped, built = load_file(str(tiny.SHIPPED_BASE)), load_file(str(Path(tiny_zoo.base) / "model.safetensors"))
+    assert shipped.keys() == built.keys() and all(torch.equal(shipped[k], built[k]) for k in shipped)

@@ -140,9 +140,13 @@ def _refresh_tasks(zoo: Zoo, seed: int, skills: list[str]) -> None:
 
 
 def build_zoo(
-    name: str = "tiny", *, cache_dir: Path | None = None, force: bool = False, progress: bool = True
+    name: str = "tiny", *, cache_dir: Path | None = None, force: bool = False, progress: bool = True,
+    from_scratch: bool = False,
 ) -> Zoo:
-    """Build the zoo ``name`` unless an up-to-date one is cached; return it."""
+    """Build the zoo ``name`` unless an up-to-date one is cached; return it.
+
+    ``from_scratch``: train every stage, even one whose result ships with the package (tiny's base).
+    """
     root = zoo_dir(name, cache_dir)
     recipe = _recipe(name)
     if not force and (zoo := _cached(name, root)) is not None:
@@ -156,7 +160,7 @@ def build_zoo(
         digest = config_hash(name)  # of the recipe this build runs, even if the code changes meanwhile
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=root.parent))
         try:
-            info = recipe.build(tmp, progress=progress)
+            info = recipe.build(tmp, progress=progress, **({'from_scratch': True} if from_scratch else {}))
             skills = list(info["skills"])
             materialise_tasks(tmp / "tasks", skills, info["seed"], final_dir=root / "tasks")
             manifest = {

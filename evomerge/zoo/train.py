@@ -224,5 +224,6 @@ def build_info(seed: int, skills: list[str], specialists: dict[str, TrainConfig]
         "skills": skills,
         "specialists": list(specialists),
         "specialist_skills": {name: name for name in specialists},
-        "train": {k: {**v, "loss": round(v["loss"], 4), "seconds": round(v["seconds"], 1)} for k, v in stats.items()},
+        "train": {k: {**v, **{f: round(v[f], n) for f, n in (("loss", 4), ("seconds", 1)) if f in v}}
+                  for k, v in stats.items()},
     }
