@@ -20,8 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dtype", default=None, help="float32 | float16 | bfloat16 (default: recipe dtype, else the base's)")
     p.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 500MB, 5GB (default 2GB)")
     p.add_argument("--seed", type=int, default=None, help="seed of DARE/DELLA masks (default: the recipe's evomerge.seed, else 0)")
-    p.add_argument("--no-fused", action="store_true",
-                   help="eager torch only (default: one compiled pass per tensor for large task-arithmetic-family merges)")
+    p.add_argument("--fused", action="store_true",
+                   help="one compiled pass per tensor (task-arithmetic family). Off by default: a single merge does not "
+                        "repay the compile (measured on the SmolLM2-135M shape, 2 CPU cores: TIES 20 s fused, 14 s eager)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models whose config needs custom code")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         out = merge_to_dir(
             recipe, args.out_dir, device=args.device, out_dtype=args.out_dtype, shard_size=args.shard_size,
             progress=not args.no_progress, trust_remote_code=args.trust_remote_code,
-            fused=False if args.no_fused else "auto",
+            fused=args.fused,
         )
         print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
 

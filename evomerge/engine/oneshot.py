@@ -54,8 +54,14 @@ def merge_to_dir(
     shard_size: str | int = "2GB",
     progress: bool = True,
     trust_remote_code: bool = False,
-    fused: bool | str = "auto",
+    fused: bool | str = False,
 ) -> Path:
+    """Merge ``recipe`` into a model directory at ``out_dir``.
+
+    ``fused`` defaults to eager torch: the compiled one-pass kernel pays off over the many candidates
+    of a search (the prepared engine), not in one merge, where compiling or loading it costs more
+    than the passes it saves.
+    """
     plan = MergePlan(recipe, trust_remote_code=trust_remote_code)
     plan.check()
     dev = resolve_device(device)
