@@ -268,3 +268,39 @@ def test_non_finite_merge_names_the_tensor(llama, tmp_path, fused):
     with pytest.raises(MergeError, match=r"layers\.1\.mlp\.up_proj\.weight.*NaN or infinite"):
         merge_to_dir(r, tmp_path / "out", fused=fused, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_dare_tables_give_the_oneshot_tensors_for_every_seed(tmp_path):
+    """Tensors of at least U_GRID entries take DARE's kept L1 from the prepared tables (per seed);
+    the result must still be the one-shot merge's, seed for seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evomerge.methods.sparsify import U_GRID
+    from model_factory import make_tokenizer
+
+    torch.manual_seed(3)
+    base_dir = tmp_path / "base"
+    tok = make_tokenizer(base_dir)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=U_GRID // 64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=False)
+    base = LlamaForCausalLM(cfg)
+    base.save_pretrained(base_dir)
+    fts = []
+    for i in range(2):
+        ft = LlamaForCausalLM(cfg)
+        ft.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in base.state_dict().items()})
+        ft.save_pretrained(tmp_path / f"ft{i}")
+        tok.save_pretrained(tmp_path / f"ft{i}")
+        fts.append(tmp_path / f"ft{i}")
+    params = [{"weight": 0.7, "density": 0.35}, {"weight": 0.5, "density": 0.6}]
+    for fused in (False, True):
+        r = _recipe("dare_ties", base_dir, fts, params)
+        engine = PreparedMerge(r, fused=fused, memory="device", progress=False)
+        for seed in (0, 7):
+            r.seed = seed
+            engine.apply(r)
+            oneshot = _state(merge_to_dir(r, tmp_path / f"o{fused}{seed}", out_dtype="float32", progress=False))
+            for name, t in engine.state_dict().items():
+                torch.testing.assert_close(t, oneshot[name], rtol=1e-6, atol=1e-7, msg=name)
+        assert any(tables for res in engine._resident.values() for tables in res.l1_below_u.values()
+                   if any(t is not None for t in tables))

@@ -734,3 +734,35 @@ def test_unsparsified_deltas_are_read_not_written(name):
         ref = ref_gta(base, keep, [0.5, -0.7, 1.0], consensus=name != "task_arithmetic",
                       normalize=get_method(name).global_param("normalize").default)
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_dare_kept_l1_table_matches_the_direct_sum():
+    """DARE's density grid: the prepared kept-L1 table gives what summing the kept entries gives,
+    in the eager method and in the fused kernel."""
+    from evomerge.methods import fused
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(300, 300, generator=g)
+    deltas = [torch.randn(300, 300, generator=g) * 0.01 for _ in range(2)]
+    us = [torch.rand(300, 300, generator=g) for _ in range(2)]
+    table = sp.l1_below_u(deltas[0], us[0])
+    for density in (1e-6, 0.05, 0.4, 0.5, 0.93):
+        steps = sp.grid_steps(density)
+        assert abs(steps / sp.U_GRID - density) <= 0.5 / sp.U_GRID or steps == 1
+        direct = float(deltas[0].abs()[us[0] < steps / sp.U_GRID].double().sum())
+        assert float(table[steps]) == pytest.approx(direct, rel=1e-12)
+        with_table = sp.dare(deltas[0], density, us[0], aux=SparsifyAux(extra={"l1_below_u": table}), rescale="l1")
+        without = sp.dare(deltas[0], density, us[0], rescale="l1")
+        assert torch.equal(with_table.tensor, without.tensor)
+        assert with_table.scale == pytest.approx(without.scale, rel=1e-5)
+    mps, gp = [{"weight": 0.6, "density": 0.3}, {"weight": 0.4, "density": 0.7}], {}
+    m, p = resolve("dare_ties", mps, gp)
+
+    def inputs(aux):
+        return MergeInputs(base=base, deltas=deltas, model_params=m, params=p, tensor_name="t", aux=aux)
+
+    eager = get_method("dare_ties").merge(inputs([SparsifyAux(uniforms=u) for u in us]))
+    out = torch.empty_like(base)
+    tables = [SparsifyAux(uniforms=u, extra={"l1_below_u": sp.l1_below_u(d, u)}) for d, u in zip(deltas, us)]
+    fused.merge_into(get_method("dare_ties"), inputs(tables), out)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-7)

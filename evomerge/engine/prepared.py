@@ -37,7 +37,7 @@ from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import MergeError
 from evomerge.methods import SparsifyAux
-from evomerge.methods.sparsify import prepare_aux
+from evomerge.methods.sparsify import U_GRID, l1_below_u, prepare_aux
 
 MEMORY_MODES = ("auto", "device", "host", "disk")
 
@@ -50,6 +50,7 @@ class _Resident:
     inputs: list[torch.Tensor]
     aux: list[SparsifyAux] | None = None  # candidate-independent: sorted |delta|, della ranks, L1 sums
     uniforms: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # seed -> per-model draws
+    l1_below_u: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)  # seed -> DARE kept-L1 tables
 
 
 @dataclass
@@ -143,8 +144,9 @@ class PreparedMerge:
                        for i, d in enumerate(inputs)]
             if draws is not None:
                 res.uniforms[self.recipe.seed] = [a.uniforms for a in res.aux]  # type: ignore[misc]
+                res.l1_below_u[self.recipe.seed] = [a.extra.pop("l1_below_u", None) for a in res.aux]
             for a in res.aux:
-                a.uniforms = None  # kept per seed in res.uniforms
+                a.uniforms = None  # kept per seed in res.uniforms (and its tables in res.l1_below_u)
         if dev.type == "cpu" and self.device.type == "cuda":
             pin = lambda t: t.pin_memory()  # noqa: E731
             res.base = None if base is None else pin(res.base)
@@ -192,8 +194,11 @@ class PreparedMerge:
                            for k, v in r.extra.items()}
             if m.uses_uniforms:
                 draws = self._uniforms(job, res, recipe)
-                for a, u in zip(aux, draws):
+                tables = res.l1_below_u.get(recipe.seed) or [None] * len(draws)
+                for a, u, table in zip(aux, draws, tables):
                     a.uniforms = u.to(dev, non_blocking=True)
+                    if table is not None:
+                        a.extra["l1_below_u"] = table  # read on the host: it stays where it was built
         return base, inputs, aux
 
     def _prepare_on_the_fly(self, job: TensorJob) -> _Resident:
@@ -212,6 +217,9 @@ class PreparedMerge:
         draws = [a.uniforms for a in aux]  # type: ignore[union-attr,misc]
         if recipe.random_mode == "common" and self.memory != "disk":
             res.uniforms = {recipe.seed: draws}  # keep one seed's draws, not every seed's
+            if "l1_below_u" in self.plan.method.aux_extras:
+                res.l1_below_u = {recipe.seed: [l1_below_u(d, u) if d.numel() >= U_GRID else None
+                                                for d, u in zip(res.inputs, draws)]}
         return draws  # type: ignore[return-value]
 
     @torch.no_grad()

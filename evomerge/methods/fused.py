@@ -136,7 +136,7 @@ def merge_into(method: MergeMethod, inputs: MergeInputs, out: torch.Tensor) -> t
                     if n_bot + target < n:
                         h = sp.ascending_abs_at(d, n_bot + target - 1, aux)
             else:
-                q = density
+                q = sp.grid_steps(density) / sp.U_GRID  # the eager rule's grid (sparsify.dare)
         if uniforms is not None:
             uniforms.append(sp.uniforms_for(inputs.deltas[i], aux, inputs.generator).reshape(-1))
         scale = 1.0
@@ -163,9 +163,11 @@ def _rescale(norm: str, d: torch.Tensor, density: float, aux, lo: float, hi: flo
     before = aux.extra.get("abs_sum") if aux is not None else None
     if before is None:
         before = sp.norm_of(d, "l1")
-    dev = d.device
-    after = float(_kernel("kept_l1", _kept_l1)(
-        d, u, torch.tensor(lo, device=dev), torch.tensor(hi, device=dev), torch.tensor(p, device=dev)))
+    after = sp.kept_l1_lookup(aux, sp.grid_steps(p)) if u is not None and lo == 0 and hi == math.inf else None
+    if after is None:
+        dev = d.device
+        after = float(_kernel("kept_l1", _kept_l1)(
+            d, u, torch.tensor(lo, device=dev), torch.tensor(hi, device=dev), torch.tensor(p, device=dev)))
     if before < sp._NORM_EPS or after < sp._NORM_EPS:
         return 1.0
     return before / after

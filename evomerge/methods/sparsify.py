@@ -27,8 +27,15 @@ rule instead: divide each kept entry by its keep probability (DARE's
 
 Candidate-independent precomputation (:func:`prepare_aux`), read when present:
 ``sorted_abs`` (magnitude rules), ``uniforms`` (random rules), and in
-``aux.extra``: ``"abs_sum"`` (L1 norm of the delta, for L1 rescale) and
-``"della_rank"`` (each entry's magnitude rank in its row, scaled to [0, 1]).
+``aux.extra``: ``"abs_sum"`` (L1 norm of the delta, for L1 rescale),
+``"della_rank"`` (each entry's magnitude rank in its row, scaled to [0, 1]) and
+``"l1_below_u"`` (DARE: the L1 norm of the entries kept at each grid density).
+
+Why DARE's density sits on a grid of ``1/U_GRID`` (2^-16, i.e. it moves by at most
+7.6e-6): the L1 rescale needs the kept entries' L1 norm, a second full pass over the
+delta and its draws for every candidate. On the grid, "draw below density" is
+"draw's bin below t", so the kept L1 for every density is one cumulative histogram
+of |delta| over the draws' bins, built once with the draws: a lookup per candidate.
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ from evomerge.methods._util import flat_norm
 from evomerge.methods.base import MergeMethod, SparsifyAux
 
 RESCALE_NORMS = ("l1", "l2", "linf", "probability")
+U_GRID = 1 << 16  # DARE densities are multiples of 1/U_GRID (see the module docstring)
 _NORM_EPS = 1e-7  # below this a norm is treated as zero and nothing is rescaled (as mergekit)
 
 
@@ -98,24 +106,47 @@ def norm_of(t: torch.Tensor, norm: str) -> float:
     raise ValueError(f"unknown rescale norm {norm!r}")
 
 
-def norm_scale(kept: torch.Tensor, delta: torch.Tensor, norm: str, aux: SparsifyAux | None) -> float:
+def norm_scale(kept: torch.Tensor, delta: torch.Tensor, norm: str, aux: SparsifyAux | None,
+               kept_l1: float | None = None) -> float:
     """The factor that gives the kept entries the full delta's norm (1 if either norm is ~0)."""
     before = aux.extra.get("abs_sum") if (aux is not None and norm == "l1") else None
     if before is None:
         before = norm_of(delta, norm)
-    after = norm_of(kept, norm)
+    after = kept_l1 if (kept_l1 is not None and norm == "l1") else norm_of(kept, norm)
     if before < _NORM_EPS or after < _NORM_EPS:
         return 1.0
     return before / after
 
 
 def _finish(kept: torch.Tensor, delta: torch.Tensor, density: float, rescale: str | None,
-            aux: SparsifyAux | None) -> Kept:
+            aux: SparsifyAux | None, kept_l1: float | None = None) -> Kept:
     if rescale is None:
         return Kept(kept, 1.0, True)
     if rescale == "probability":
         return Kept(kept, 1.0 / density, True)
-    return Kept(kept, norm_scale(kept, delta, rescale, aux), True)
+    return Kept(kept, norm_scale(kept, delta, rescale, aux, kept_l1), True)
+
+
+# ---- DARE's density grid ------------------------------------------------------------
+def grid_steps(density: float) -> int:
+    """``density`` in (0, 1) as a whole number of grid steps (at least one): keep where ``u < steps / U_GRID``."""
+    return max(1, round(density * U_GRID))
+
+
+def l1_below_u(delta: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """``out[t]`` = sum of |delta| where ``uniforms < t / U_GRID``, for t = 0..U_GRID (float64).
+
+    Exact bins: a float32 draw in [0, 1) times 2^16 is exact, so its bin is ``floor(u * U_GRID)``
+    and "bin < t" is "u < t / U_GRID".
+    """
+    bins = uniforms.reshape(-1).mul(U_GRID).long()
+    hist = torch.bincount(bins, weights=delta.reshape(-1).abs().double(), minlength=U_GRID)
+    return torch.cat([hist.new_zeros(1), hist.cumsum(0)])
+
+
+def kept_l1_lookup(aux: SparsifyAux | None, steps: int) -> float | None:
+    table = aux.extra.get("l1_below_u") if aux is not None else None
+    return None if table is None else float(table[steps])
 
 
 # ---- the four rules --------------------------------------------------------------
@@ -169,7 +200,7 @@ def uniforms_for(delta: torch.Tensor, aux: SparsifyAux | None,
 
 def dare(delta: torch.Tensor, density: float, uniforms: torch.Tensor, *,
            aux: SparsifyAux | None = None, rescale: str | None = None) -> Kept:
-    """DARE: keep an entry where its uniform draw is below ``density``.
+    """DARE: keep an entry where its uniform draw is below ``density`` (on the 2^-16 grid).
 
     With common random numbers the kept set only grows with density (masks nest).
     """
@@ -177,8 +208,10 @@ def dare(delta: torch.Tensor, density: float, uniforms: torch.Tensor, *,
         return Kept(delta)
     if density <= 0:
         return _zeros(delta)
-    kept = torch.lt(uniforms, density, out=torch.empty_like(delta)).mul_(delta)
-    return _finish(kept, delta, density, rescale, aux)
+    steps = grid_steps(density)
+    p = steps / U_GRID
+    kept = torch.lt(uniforms, p, out=torch.empty_like(delta)).mul_(delta)
+    return _finish(kept, delta, density, rescale, aux, kept_l1_lookup(aux, steps))
 
 
 def della_rank(delta: torch.Tensor) -> torch.Tensor:
@@ -252,6 +285,10 @@ def prepare_aux(method: MergeMethod, delta: torch.Tensor, *, uniforms: torch.Ten
             aux.extra[key] = norm_of(delta, "l1")
         elif key == "della_rank":
             aux.extra[key] = della_rank(delta)
+        elif key == "l1_below_u":
+            # worth it where a lookup table (U_GRID + 1 floats) is smaller than the pass it saves
+            if aux.uniforms is not None and delta.numel() >= U_GRID:
+                aux.extra[key] = l1_below_u(delta, aux.uniforms)
         else:
             raise ValueError(f"unknown aux extra {key!r}")
     return aux

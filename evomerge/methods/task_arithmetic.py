@@ -136,6 +136,8 @@ def _make(name: str, sparsification: str | None, consensus: bool, normalize: boo
     if consensus:
         global_params.append(CONSENSUS)
     extras: tuple[str, ...] = ("abs_sum",) if sparsification else ()
+    if sparsification == "random":
+        extras += ("l1_below_u",)
     if sparsification == "della_magprune":
         extras += ("della_rank",)
     return MergeMethod(

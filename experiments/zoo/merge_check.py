@@ -6,6 +6,11 @@ real Evaluator on the held-out test split, must beat every single zoo model on t
 math mix. Deliberately independent of evomerge/engine (a few lines of torch).
 
     python experiments/zoo/merge_check.py tiny [--weights 0.5 0.7 1.0] [--out results/zoo.md]
+    python experiments/zoo/merge_check.py smol --group math_ll --pairs --weights 0.5 1.0 --bf16
+
+``--pairs`` adds each pair of math specialists (does one task vector keep the other's skill?);
+``--group math_ll`` scores 4-way multiple choice by log-likelihood (the search's fitness) instead of
+generated answers.
 """
 from __future__ import annotations
 
@@ -40,13 +45,16 @@ def main() -> None:
     p.add_argument("--limit", type=float, default=None)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--group", default="math", choices=["math", "math_ll"], help="task group (metric: em or ll acc)")
+    p.add_argument("--pairs", action="store_true", help="also merge each pair of math specialists")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     zoo = load_zoo(args.zoo)
-    math_tasks = zoo.tasks["math"]
-    skills = [t.removeprefix("evomerge_") for t in math_tasks]
+    math_tasks = zoo.tasks[args.group]
+    metric = "acc" if args.group.endswith("_ll") else "exact_match"
+    skills = [t.removeprefix("evomerge_").removesuffix("_ll") for t in math_tasks]
     math_specs = [s for s in skills if s in zoo.specialists]
     tok = AutoTokenizer.from_pretrained(zoo.base)
     model = AutoModelForCausalLM.from_pretrained(zoo.base, dtype=torch.bfloat16 if args.bf16 else torch.float32)
@@ -55,23 +63,30 @@ def main() -> None:
     specs = {s: state(p) for s, p in zoo.specialists.items()}
     rows: dict[str, dict[str, float]] = {}
     candidates = {"base": lambda: base, **{s: (lambda s=s: specs[s]) for s in specs}}
-    for w in args.weights:
-        name = f"TA {'+'.join(math_specs)}, w={w:g}"
-        candidates[name] = lambda w=w: {k: base[k] + sum(w * (specs[s][k] - base[k]) for s in math_specs) for k in base}
+    groups = [math_specs]
+    if args.pairs:
+        groups += [[a, b] for i, a in enumerate(math_specs) for b in math_specs[i + 1:]]
+    for group in groups:
+        for w in args.weights:
+            candidates[f"TA {'+'.join(group)}, w={w:g}"] = (
+                lambda w=w, group=group: {k: base[k] + sum(w * (specs[s][k] - base[k]) for s in group) for k in base})
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     for name, get in candidates.items():
         with torch.no_grad():
             model.load_state_dict(get(), strict=False)
         res = ev.evaluate(model, args.split, limit=limit)
-        row = {s: res[t]["exact_match"] for s, t in zip(skills, math_tasks)}
+        row = {s: res[t][metric] for s, t in zip(skills, math_tasks)}
         row["math mean"] = sum(row.values()) / len(row)
         rows[name] = row
         print(f"{name:30s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
     cols = [*skills, "math mean"]
     best_single = max(rows[n]["math mean"] for n in ["base", *specs])
     lines = [
-        f"Merge check ({args.zoo}, split `{args.split}`, exact match; {time.perf_counter() - t0:.0f} s). "
-        f"Regenerate: `python experiments/zoo/merge_check.py {args.zoo}"
+        f"Merge check ({args.zoo}, split `{args.split}`" + (f", {limit} items per task" if limit else "")
+        + f", {'exact match' if metric == 'exact_match' else '4-way log-likelihood accuracy'}; "
+        f"{time.perf_counter() - t0:.0f} s). Regenerate: `python experiments/zoo/merge_check.py {args.zoo}"
+        + (f" --group {args.group}" if args.group != "math" else "") + (" --pairs" if args.pairs else "")
+        + (f" --limit {args.limit:g}" if args.limit else "") + f" --weights {' '.join(f'{w:g}' for w in args.weights)}"
         + (" --bf16" if args.bf16 else "") + (f" --out {args.out}" if args.out else "") + "`",
         "",
         "| model | " + " | ".join(cols) + " |",
@@ -84,7 +99,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        _write_section(args.out, f"{args.zoo}-merge", text)
+        _write_section(args.out, f"{args.zoo}-merge" + ("-ll" if metric == "acc" else ""), text)
 
 
 if __name__ == "__main__":
