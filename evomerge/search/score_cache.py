@@ -8,9 +8,12 @@ of the merged weights and the evaluation set-up, so it is looked up instead.
 
 The key holds everything a score depends on: the recipe (method, models,
 parameters, seed), each model directory's files (name, size, modification time),
-the tasks and their directories' files, the split, and the evaluation settings
-(dtype, batch size, device type, generation cap). Change any and the entry is
-simply not found. ``final.score_cache=null`` turns the cache off.
+the tasks and their directories' files, the split, the evaluation settings
+(dtype, batch size, device type, generation cap), the versions of torch,
+transformers and lm-eval, and a digest of evomerge's own merge and evaluation
+code (an upgrade, or a developer's edit, may change a merge or a score).
+Change any and the entry is simply not found. ``final.score_cache=null`` turns
+the cache off.
 """
 from __future__ import annotations
 
@@ -37,12 +40,31 @@ def _files(directory: str) -> list[tuple[str, int, int]]:
     return out
 
 
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("torch", "transformers", "lm_eval"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "?"
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for sub in ("checkpoints", "engine", "evaluation", "methods"):
+        for f in sorted((package / sub).rglob("*")):
+            if f.is_file() and f.suffix in (".py", ".yaml"):
+                digest.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes())
+    out["evomerge code"] = digest.hexdigest()
+    return out
+
+
 class ScoreCache:
     """``get``/``put`` of one split's score record for one recipe, under a fixed evaluation context."""
 
     def __init__(self, root: str | Path, context: dict[str, Any], task_dirs: list[str]) -> None:
         self.root = Path(root).expanduser()
-        self.context = {**context, "task_dirs": {d: _files(d) for d in task_dirs}}
+        self.context = {**context, "task_dirs": {d: _files(d) for d in task_dirs}, "versions": _versions()}
         self._model_files: dict[str, Any] = {}
 
     def _key(self, recipe: Any, split: str) -> str:
