@@ -27,6 +27,7 @@ ZOOS = {
     "smol": {"trials": 30, "group": 6, "extra": ["eval_dtype=bfloat16"]},
 }
 SAMPLERS = ("cmaes", "tpe", "random")
+NOTES = "<!-- notes: written by hand, kept when the table is rebuilt -->"
 GENOMES = {"global": "global", "layers": None}  # None: the zoo's group size
 
 
@@ -131,7 +132,11 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"ties_math_{zoo}.json").write_text(json.dumps(data, indent=2))
     text = "\n".join(lines)
-    (out / f"ties_math_{zoo}.md").write_text(text)
+    md = out / f"ties_math_{zoo}.md"
+    old = md.read_text() if md.is_file() else ""
+    if NOTES in old:  # the hand-written analysis below the marker survives a rebuild
+        text += "\n" + old[old.index(NOTES):]
+    md.write_text(text)
     return text
 
 

@@ -5,15 +5,18 @@ tensor from each model plus one output shard, whatever the model size.
 """
 from __future__ import annotations
 
+import itertools
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from evomerge.checkpoints.writer import dtype_name, parse_dtype, parse_size, write_model_dir
 from evomerge.engine.kernel import choose_fused, input_bytes, random_aux, resolve_device, run_job
-from evomerge.engine.plan import MergePlan
+from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
 from evomerge.export.card import model_card
 
@@ -29,20 +32,51 @@ def output_dtype(plan: MergePlan, override: str | None) -> torch.dtype:
 
 
 def merged_tensors(plan: MergePlan, device: torch.device, dtype: torch.dtype, progress: bool = True,
-                   fused: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                   fused: bool = False, workers: int = 2) -> Iterator[tuple[str, torch.Tensor]]:
+    """Merged tensors in plan order, ``workers`` jobs in flight on a CPU.
+
+    Why threads: torch releases the GIL, and the heaviest step of a TIES merge, ``torch.kthvalue``
+    over each task vector, runs on one core; a second job in flight (reading its tensors, selecting
+    its thresholds) keeps the other cores busy. Peak memory grows to ``workers`` jobs' tensors.
+    """
     recipe = plan.recipe
 
     def load(ref_name: tuple[str, str]) -> torch.Tensor:
         ref, name = ref_name
         return plan.checkpoints[ref].get(name).to(device=device, dtype=torch.float32)
 
-    for job in tqdm(plan.jobs, desc="merging", unit="tensor", disable=not progress):
+    def merge(job: TensorJob) -> torch.Tensor:
         base = None if job.base is None else load(job.base)
         models = [load(m) for m in job.models]
         aux = random_aux(plan, job, recipe.seed, models[0].shape, device)
         out = torch.empty(models[0].shape, dtype=dtype, device=device) if fused else None
         out = run_job(plan, job, recipe, base=base, models=models, aux=aux, out=out, fused=fused)
-        yield job.out_name, out.to(dtype).cpu()
+        return out.to(dtype).cpu()
+
+    with tqdm(total=len(plan.jobs), desc="merging", unit="tensor", disable=not progress) as bar:
+        yield from _in_order(plan.jobs, merge, workers if device.type == "cpu" else 1, bar)
+
+
+def _in_order(jobs_list: list[TensorJob], merge: Callable[[TensorJob], torch.Tensor], workers: int,
+              bar: tqdm) -> Iterator[tuple[str, torch.Tensor]]:
+    if workers <= 1:
+        for job in jobs_list:
+            yield job.out_name, merge(job)
+            bar.update()
+        return
+    jobs = iter(jobs_list)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for job in itertools.islice(jobs, workers):
+            pending.append((job, pool.submit(merge, job)))
+        while pending:
+            job, future = pending.popleft()
+            result = future.result()  # in order: the writer sees the plan's order
+            nxt = next(jobs, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(merge, nxt)))
+            yield job.out_name, result
+            bar.update()
 
 
 def merge_to_dir(
