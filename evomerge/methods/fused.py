@@ -43,8 +43,12 @@ def _mask(d: torch.Tensor, u: torch.Tensor | None, lo: torch.Tensor, hi: torch.T
 
 
 def _gta(base: torch.Tensor, deltas: list[torch.Tensor], uniforms: list[torch.Tensor] | None,
-         lo: torch.Tensor, hi: torch.Tensor, p: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor,
-         total_weight: torch.Tensor, lam: torch.Tensor, out: torch.Tensor, consensus: bool, normalize: bool) -> torch.Tensor:
+         scalars: torch.Tensor, out: torch.Tensor, consensus: bool, normalize: bool) -> torch.Tensor:
+    # scalars = [lo, hi, p, coef, weight] (one per model each), then total weight, lambda: one tensor
+    # argument instead of seven keeps the per-tensor call (guards, host-to-device copies) cheap.
+    n = len(deltas)
+    lo, hi, p, coef, weight = (scalars[k * n:(k + 1) * n] for k in range(5))
+    total_weight, lam = scalars[5 * n], scalars[5 * n + 1]
     contribs = []
     for i, d in enumerate(deltas):
         u = None if uniforms is None else uniforms[i]
@@ -145,12 +149,9 @@ def merge_into(method: MergeMethod, inputs: MergeInputs, out: torch.Tensor) -> t
         lo.append(l), hi.append(h), p.append(q), coef.append(w * scale), weight.append(w)
     total = sum(weight)
     dev = base.device
-    t = lambda xs: torch.tensor(xs, dtype=torch.float32, device=dev)  # noqa: E731
-    return _kernel("gta", _gta)(
-        base, deltas, uniforms, t(lo), t(hi), t(p), t(coef), t(weight),
-        t([total if abs(total) >= 1e-8 else 1.0])[0], t([float(gparam(inputs, ta.LAMBDA))])[0], out,
-        consensus, normalize,
-    )
+    scalars = torch.tensor([*lo, *hi, *p, *coef, *weight, total if abs(total) >= 1e-8 else 1.0,
+                            float(gparam(inputs, ta.LAMBDA))], dtype=torch.float32, device=dev)
+    return _kernel("gta", _gta)(base, deltas, uniforms, scalars, out, consensus, normalize)
 
 
 def _rescale(norm: str, d: torch.Tensor, density: float, aux, lo: float, hi: float, p: float,
