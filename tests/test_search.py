@@ -329,14 +329,15 @@ def test_score_cache_key_follows_recipe_split_and_model_files(family, tmp_path):
 @pytest.mark.slow
 def test_sigkill_then_resume_finishes_exactly_the_budget(tiny_zoo, tmp_path):
     run_dir = tmp_path / "run"
-    args = [*APP, "+search=ties_math", "search.n_trials=8", "search.limit=40", "progress=false",
+    # 150 items per task: a trial lasts long enough (~0.5 s) that the kill lands inside one
+    args = [*APP, "+search=ties_math", "search.n_trials=8", "search.limit=150", "progress=false",
             "final.top_k=1", "final.export_model=false", "final.rescore_search=false", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"sqlite:///{run_dir / 'study.db'}"
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
-            time.sleep(0.5)
+            time.sleep(0.1)
             if proc.poll() is not None:
                 pytest.fail("the search ended before it could be killed")
             try:
