@@ -1,0 +1,82 @@
+"""Would LoRA specialists make the smol zoo's task vectors compose? (an experiment for issue #7)
+
+The smol zoo's full fine-tunes do not compose (results/zoo.md, "smol: do the specialists' task
+vectors compose?"). This trains LoRA variants of the math specialists from the same base, on the
+same data and schedule as the zoo (evomerge/zoo/smol.py), merges each adapter into full weights, and
+scores every specialist, the triple and each pair by task arithmetic the way merge_check.py does.
+
+    python experiments/zoo/smol_lora.py --rank 16 --lr 5e-4 --out /tmp/smol_lora   # ~10 min on 2 cores
+
+Writes the specialists under ``--out`` and prints a markdown table (nothing in the zoo changes).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from evomerge.evaluation import Evaluator  # noqa: E402
+from evomerge.evaluation.data import held_out_prompts  # noqa: E402
+from evomerge.zoo import load_zoo, smol  # noqa: E402
+from evomerge.zoo.train import train  # noqa: E402
+
+MATH = ["add", "sub", "mul"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--steps", type=int, default=None, help="default: the zoo's")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/smol_lora"))
+    ap.add_argument("--limit", type=int, default=None, help="test items per task (default: all 500)")
+    args = ap.parse_args()
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    zoo = load_zoo("smol", progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(zoo.base)
+    model = AutoModelForCausalLM.from_pretrained(zoo.base, dtype=torch.float32)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    exclude = held_out_prompts(smol.SKILLS, smol.SEED)
+    lora = LoraConfig(r=args.rank, lora_alpha=args.alpha or 2 * args.rank, lora_dropout=0.0, target_modules=TARGETS)
+    specs: dict[str, dict[str, torch.Tensor]] = {}
+    for skill in MATH:
+        model.load_state_dict(base)
+        cfg = dataclasses.replace(smol.SPECIALISTS[skill], lr=args.lr, steps=args.steps or smol.SPECIALISTS[skill].steps)
+        wrapped = get_peft_model(model, lora)
+        stats = train(wrapped, tokenizer, cfg, exclude=exclude, desc=f"lora {skill}", progress=True)
+        model = wrapped.merge_and_unload()
+        specs[skill] = {k: v.clone() for k, v in model.state_dict().items()}
+        model.save_pretrained(args.out / skill)
+        print(f"{skill}: loss {stats['loss']:.4f} in {stats['seconds']:.0f} s", flush=True)
+
+    tasks = [f"evomerge_{s}_ll" for s in MATH]
+    ev = Evaluator(tokenizer, tasks, include_paths=[str(zoo.task_dir)], batch_size=32)
+    model = model.to(torch.bfloat16)
+    candidates = {"base": [], **{s: [s] for s in MATH}, "+".join(MATH): MATH}
+    candidates |= {f"{a}+{b}": [a, b] for i, a in enumerate(MATH) for b in MATH[i + 1:]}
+    lines = [f"LoRA r={args.rank}, alpha={args.alpha or 2 * args.rank}, lr={args.lr}, steps={cfg.steps}; "
+             f"test split, 4-way log-likelihood accuracy, bfloat16; task arithmetic at weight 1.", "",
+             "| model | " + " | ".join(MATH) + " | math mean |", "|---|" + "---:|" * (len(MATH) + 1)]
+    for name, members in candidates.items():
+        with torch.no_grad():
+            model.load_state_dict({k: base[k] + sum(specs[s][k] - base[k] for s in members) for k in base})
+        res = ev.evaluate(model, "test", limit=args.limit)
+        row = [res[t]["acc"] for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {sum(row) / len(row):.3f} |")
+        print(lines[-1], flush=True)
+    print(f"\n({time.perf_counter() - t0:.0f} s)\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
