@@ -1,11 +1,16 @@
-"""Would LoRA specialists make the smol zoo's task vectors compose? (an experiment for issue #7)
+"""Which smol specialists would compose? Variants of the zoo's recipe, for issue #7.
 
 The smol zoo's full fine-tunes do not compose (results/zoo.md, "smol: do the specialists' task
-vectors compose?"). This trains LoRA variants of the math specialists from the same base, on the
-same data and schedule as the zoo (evomerge/zoo/smol.py), merges each adapter into full weights, and
-scores every specialist, the triple and each pair by task arithmetic the way merge_check.py does.
+vectors compose?"). This trains variants of the math specialists from the same base, on the same
+data and schedule as the zoo (evomerge/zoo/smol.py), and scores every specialist, the triple and each
+pair by task arithmetic (weight 1) the way merge_check.py does:
 
-    python experiments/zoo/smol_lora.py --rank 16 --lr 5e-4 --out /tmp/smol_lora   # ~10 min on 2 cores
+* ``--rank R``: LoRA adapters of rank R on every linear layer, merged into full weights (0: full fine-tunes);
+* ``--format-steps N``: first fine-tune the base for N steps on all four skills at once (it learns the
+  answer format), and use *that* as the base the specialists start from and are merged onto.
+
+    python experiments/zoo/smol_variants.py --rank 16 --lr 5e-4        # ~14 min on 1 core
+    python experiments/zoo/smol_variants.py --rank 0 --format-steps 100
 
 Writes the specialists under ``--out`` and prints a markdown table (nothing in the zoo changes).
 """
@@ -32,11 +37,12 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank (0: full fine-tunes)")
+    ap.add_argument("--format-steps", type=int, default=0, help="shared all-skills stage first (0: none)")
     ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--steps", type=int, default=None, help="default: the zoo's")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/smol_lora"))
+    ap.add_argument("--out", type=Path, default=Path("/tmp/smol_variants"))
     ap.add_argument("--limit", type=int, default=None, help="test items per task (default: all 500)")
     args = ap.parse_args()
     from peft import LoraConfig, get_peft_model
@@ -46,16 +52,23 @@ def main() -> None:
     zoo = load_zoo("smol", progress=False)
     tokenizer = AutoTokenizer.from_pretrained(zoo.base)
     model = AutoModelForCausalLM.from_pretrained(zoo.base, dtype=torch.float32)
-    base = {k: v.clone() for k, v in model.state_dict().items()}
     exclude = held_out_prompts(smol.SKILLS, smol.SEED)
-    lora = LoraConfig(r=args.rank, lora_alpha=args.alpha or 2 * args.rank, lora_dropout=0.0, target_modules=TARGETS)
+    if args.format_steps:
+        mix = {s: 1.0 / len(smol.SKILLS) for s in smol.SKILLS}
+        fmt = dataclasses.replace(smol.SPECIALISTS["add"], mix=mix, steps=args.format_steps, seed=smol.SEED + 7)
+        train(model, tokenizer, fmt, exclude=exclude, desc="format stage", progress=True)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = None if not args.rank else LoraConfig(r=args.rank, lora_alpha=args.alpha or 2 * args.rank, lora_dropout=0.0, target_modules=TARGETS)
     specs: dict[str, dict[str, torch.Tensor]] = {}
     for skill in MATH:
         model.load_state_dict(base)
         cfg = dataclasses.replace(smol.SPECIALISTS[skill], lr=args.lr, steps=args.steps or smol.SPECIALISTS[skill].steps)
-        wrapped = get_peft_model(model, lora)
-        stats = train(wrapped, tokenizer, cfg, exclude=exclude, desc=f"lora {skill}", progress=True)
-        model = wrapped.merge_and_unload()
+        if args.rank:
+            wrapped = get_peft_model(model, lora)
+            stats = train(wrapped, tokenizer, cfg, exclude=exclude, desc=f"lora {skill}", progress=True)
+            model = wrapped.merge_and_unload()
+        else:
+            stats = train(model, tokenizer, cfg, exclude=exclude, desc=f"full {skill}", progress=True)
         specs[skill] = {k: v.clone() for k, v in model.state_dict().items()}
         model.save_pretrained(args.out / skill)
         print(f"{skill}: loss {stats['loss']:.4f} in {stats['seconds']:.0f} s", flush=True)
@@ -65,7 +78,8 @@ def main() -> None:
     model = model.to(torch.bfloat16)
     candidates = {"base": [], **{s: [s] for s in MATH}, "+".join(MATH): MATH}
     candidates |= {f"{a}+{b}": [a, b] for i, a in enumerate(MATH) for b in MATH[i + 1:]}
-    lines = [f"LoRA r={args.rank}, alpha={args.alpha or 2 * args.rank}, lr={args.lr}, steps={cfg.steps}; "
+    kind = f"LoRA r={args.rank}, alpha={args.alpha or 2 * args.rank}" if args.rank else "full fine-tunes"
+    lines = [f"{kind}, lr={args.lr}, steps={cfg.steps}, format stage {args.format_steps} steps; "
              f"test split, 4-way log-likelihood accuracy, bfloat16; task arithmetic at weight 1.", "",
              "| model | " + " | ".join(MATH) + " | math mean |", "|---|" + "---:|" * (len(MATH) + 1)]
     for name, members in candidates.items():
