@@ -88,6 +88,10 @@ def test_scores_follow_weights_changed_in_place(tiny_zoo):
     with torch.no_grad():
         model.load_state_dict(base_state)
     assert ev.evaluate(model, "search", limit=100) == r_base  # restoring restores the scores
+    # item indices instead of a limit: the same items, the same scores, through requests built apart
+    assert ev.evaluate(model, "search", samples={t: list(range(100)) for t in tasks}) == r_base
+    part = ev.evaluate(model, "search", samples={"evomerge_add_ll": list(range(50, 100))})
+    assert set(part) == {"evomerge_add_ll"}  # tasks not named are skipped
 
 
 def test_user_task_directory_and_missing_split(tiny_zoo, tmp_path):
