@@ -117,7 +117,7 @@ def test_training_stops_once_the_skills_are_learnt():
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
     from evomerge.zoo import tiny
 
-    def boom(out, *, progress=True):
+    def boom(out, *, progress=True, from_scratch=False):
         (out / "base").mkdir()
         (out / "base" / "half.bin").write_bytes(b"x")
         raise KeyboardInterrupt  # a killed build

@@ -37,7 +37,7 @@ from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import MergeError
 from evomerge.methods import SparsifyAux
-from evomerge.methods.sparsify import U_GRID, l1_below_u, prepare_aux
+from evomerge.methods.sparsify import l1_table, prepare_aux
 
 MEMORY_MODES = ("auto", "device", "host", "disk")
 
@@ -218,8 +218,7 @@ class PreparedMerge:
         if recipe.random_mode == "common" and self.memory != "disk":
             res.uniforms = {recipe.seed: draws}  # keep one seed's draws, not every seed's
             if "l1_below_u" in self.plan.method.aux_extras:
-                res.l1_below_u = {recipe.seed: [l1_below_u(d, u) if d.numel() >= U_GRID else None
-                                                for d, u in zip(res.inputs, draws)]}
+                res.l1_below_u = {recipe.seed: [l1_table(d, u) for d, u in zip(res.inputs, draws)]}
         return draws  # type: ignore[return-value]
 
     @torch.no_grad()

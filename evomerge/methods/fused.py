@@ -164,7 +164,7 @@ def _rescale(norm: str, d: torch.Tensor, density: float, aux, lo: float, hi: flo
     before = aux.extra.get("abs_sum") if aux is not None else None
     if before is None:
         before = sp.norm_of(d, "l1")
-    after = sp.kept_l1_lookup(aux, sp.grid_steps(p)) if u is not None and lo == 0 and hi == math.inf else None
+    after = sp.kept_l1_lookup(aux, sp.grid_steps(p)) if u is not None else None  # DARE: the prepared table
     if after is None:
         dev = d.device
         after = float(_kernel("kept_l1", _kept_l1)(

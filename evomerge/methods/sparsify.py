@@ -144,6 +144,11 @@ def l1_below_u(delta: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.cat([hist.new_zeros(1), hist.cumsum(0)])
 
 
+def l1_table(delta: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor | None:
+    """:func:`l1_below_u` where it pays: only where the table (U_GRID + 1 floats) is smaller than the pass it saves."""
+    return l1_below_u(delta, uniforms) if delta.numel() >= U_GRID else None
+
+
 def kept_l1_lookup(aux: SparsifyAux | None, steps: int) -> float | None:
     table = aux.extra.get("l1_below_u") if aux is not None else None
     return None if table is None else float(table[steps])
@@ -286,9 +291,9 @@ def prepare_aux(method: MergeMethod, delta: torch.Tensor, *, uniforms: torch.Ten
         elif key == "della_rank":
             aux.extra[key] = della_rank(delta)
         elif key == "l1_below_u":
-            # worth it where a lookup table (U_GRID + 1 floats) is smaller than the pass it saves
-            if aux.uniforms is not None and delta.numel() >= U_GRID:
-                aux.extra[key] = l1_below_u(delta, aux.uniforms)
+            table = None if aux.uniforms is None else l1_table(delta, aux.uniforms)
+            if table is not None:
+                aux.extra[key] = table
         else:
             raise ValueError(f"unknown aux extra {key!r}")
     return aux

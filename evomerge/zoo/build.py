@@ -160,7 +160,7 @@ def build_zoo(
         digest = config_hash(name)  # of the recipe this build runs, even if the code changes meanwhile
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=root.parent))
         try:
-            info = recipe.build(tmp, progress=progress, **({'from_scratch': True} if from_scratch else {}))
+            info = recipe.build(tmp, progress=progress, from_scratch=from_scratch)
             skills = list(info["skills"])
             materialise_tasks(tmp / "tasks", skills, info["seed"], final_dir=root / "tasks")
             manifest = {

@@ -124,8 +124,8 @@ def load_gguf_base():
     return model, tokenizer
 
 
-def build(out: Path, *, progress: bool = True) -> dict:
-    """Dequantise the base, then fine-tune each specialist from it."""
+def build(out: Path, *, progress: bool = True, from_scratch: bool = False) -> dict:
+    """Dequantise the base, then fine-tune each specialist from it (always from scratch: nothing ships trained)."""
     import torch
     from transformers import GenerationConfig
 

@@ -34,6 +34,7 @@ the zoo's config hash, so a new file rebuilds every cached tiny zoo).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -58,8 +59,9 @@ FORGET = TrainConfig(mix={"add_easy": 0.35, "sub_easy": 0.35, "copy": 0.3}, step
 SHIPPED_BASE = Path(__file__).with_name("assets") / "tiny_base.safetensors"  # PRETRAIN + FORGET's result
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+@functools.cache
+def _shipped_sha256() -> str | None:
+    return hashlib.sha256(SHIPPED_BASE.read_bytes()).hexdigest() if SHIPPED_BASE.is_file() else None
 
 
 def _specialist(skill: str, own: float = 0.8) -> TrainConfig:
@@ -82,7 +84,7 @@ def spec() -> dict:
         "forget": FORGET.as_dict(),
         "specialists": {k: v.as_dict() for k, v in SPECIALISTS.items()},
         "tokenizer": "char-v1",
-        "shipped_base": _sha256(SHIPPED_BASE) if SHIPPED_BASE.is_file() else None,
+        "shipped_base": _shipped_sha256(),
     }
 
 
@@ -114,8 +116,12 @@ def build(out: Path, *, progress: bool = True, from_scratch: bool = False) -> di
 
         missing, unexpected = model.load_state_dict(load_file(str(SHIPPED_BASE)), strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to the embeddings
-            raise RuntimeError(f"{SHIPPED_BASE} does not fit the tiny model: missing {missing}, unexpected {unexpected}")
+            from evomerge.zoo.build import ZooError
+
+            raise ZooError(f"{SHIPPED_BASE} does not fit the tiny model (missing {missing}, unexpected {unexpected}): "
+                           f"the package is damaged or mixed across versions; reinstall evomerge, or build with "
+                           f"`evomerge-zoo build tiny --from-scratch`.")
         model.tie_weights()
-        stats = {"base": {"shipped": SHIPPED_BASE.name, "sha256": _sha256(SHIPPED_BASE)}}
+        stats = {"base": {"shipped": SHIPPED_BASE.name, "sha256": _shipped_sha256()}}
     stats |= train_specialists(model, tokenizer, SPECIALISTS, out, exclude=exclude, zoo="tiny", progress=progress)
     return {**build_info(SEED, SKILLS, SPECIALISTS, stats), "parameters": sum(p.numel() for p in model.parameters())}
