@@ -136,6 +136,26 @@ def copy_seconds(nbytes_read: int, nbytes_written: int, device: str, reps: int =
     return statistics.median(times[1:]) * ratio
 
 
+def host_syncs(engine, recipe) -> dict:
+    """How often one candidate makes the host wait for the GPU, and where (torch's sync debug mode):
+    each wait drains the GPU's queue, so a per-tensor wait makes a candidate launch-latency bound."""
+    import collections
+    import warnings
+
+    sites: collections.Counter = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            engine.apply(recipe)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            sites[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    return {"count": sum(sites.values()), "sites": dict(sites.most_common(5))}
+
+
 def bench_prepared(base: Path, fts: list[Path], reps: int, device: str, methods: list[str]) -> dict:
     from evomerge.engine.prepared import PreparedMerge
     from evomerge.engine.recipe import Recipe
@@ -148,15 +168,18 @@ def bench_prepared(base: Path, fts: list[Path], reps: int, device: str, methods:
         engine = PreparedMerge(recipe, device=device, memory="device", progress=False)
         prep = time.perf_counter() - start
         times = [engine.apply(recipe).seconds for _ in range(reps)]
+        syncs = host_syncs(engine, recipe) if device != "cpu" else None
         n_in = len(engine.plan.jobs[0].models) + (1 if engine.plan.method.needs_base else 0)
         numel = sum(p.numel() for p in engine.state_dict().values())
         read, written = numel * 4 * n_in, numel * 4
         floor = copy_seconds(read, written, device)
         med = statistics.median(times)
         out[name] = {"prepare_s": prep, "candidate_s": med, "all_s": times, "bytes": read + written,
-                     "GBps": (read + written) / med / 1e9, "copy_floor_s": floor, "fraction_of_copy_bw": floor / med}
+                     "GBps": (read + written) / med / 1e9, "copy_floor_s": floor, "fraction_of_copy_bw": floor / med,
+                     "tensors": len(engine.state_dict()), **({"host_syncs": syncs} if syncs else {})}
         print(f"prepared {name}: {out[name]['candidate_s']:.3f}s/candidate "
-              f"({out[name]['GBps']:.1f} GB/s, {out[name]['fraction_of_copy_bw']:.0%} of copy)", flush=True)
+              f"({out[name]['GBps']:.1f} GB/s, {out[name]['fraction_of_copy_bw']:.0%} of copy)"
+              + (f", host syncs {syncs}" if syncs else ""), flush=True)
         del engine
         if device != "cpu":
             torch.cuda.empty_cache()
@@ -189,13 +212,14 @@ def write_results(res: dict, out_dir: Path, name: str) -> None:
         lines.append(f"| {n} | {row['evomerge']:.1f} | {mk:.1f} | {mk / row['evomerge']:.1f}x |" if mk else
                      f"| {n} | {row['evomerge']:.1f} | n/a | |")
     lines += ["", "## Prepared engine, per candidate", "",
-              "| method | s / candidate | vs mergekit one-shot | GB/s touched | copy floor (s) | fraction of copy bandwidth |",
-              "|---|---|---|---|---|---|"]
+              "| method | s / candidate | vs mergekit one-shot | GB/s touched | copy floor (s) | fraction of copy bandwidth "
+              "| host syncs / candidate |",
+              "|---|---|---|---|---|---|---|"]
     for n, row in prep.items():
         mk = one.get(n, {}).get("mergekit")
         vs = f"{mk / row['candidate_s']:.0f}x faster" if mk else ""
         lines.append(f"| {n} | {row['candidate_s']:.3f} | {vs} | {row['GBps']:.1f} | {row['copy_floor_s']:.3f} | "
-                     f"{row['fraction_of_copy_bw']:.0%} |")
+                     f"{row['fraction_of_copy_bw']:.0%} | {row.get('host_syncs', {}).get('count', '')} |")
     lines += ["", f"![time per candidate]({name}.png)", ""]
     (out_dir / f"{name}.md").write_text("\n".join(lines))
 

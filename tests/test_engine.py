@@ -304,3 +304,73 @@ def test_dare_tables_give_the_oneshot_tensors_for_every_seed(tmp_path):
                 torch.testing.assert_close(t, oneshot[name], rtol=1e-6, atol=1e-7, msg=name)
         assert any(tables for res in engine._resident.values() for tables in res.l1_below_u.values()
                    if any(t is not None for t in tables))
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids.to(model.device)).logits.float().cpu()
+
+
+def _split_map(n_layers: int, first: str | int, rest: str | int) -> dict:
+    """Embeddings and the first half of the layers on ``first``, the rest (and the head) on ``rest``."""
+    half = n_layers // 2
+    return {"model.embed_tokens": first, "model.rotary_emb": first,
+            **{f"model.layers.{i}": first if i < half else rest for i in range(n_layers)},
+            "model.norm": rest, "lm_head": rest}
+
+
+def _check_placed_engine(engine: PreparedMerge, r2: Recipe, tmp_path: Path) -> None:
+    """Merged tensors equal the one-shot merge on whatever device each lives, before and after a
+    second candidate, and the dispatched model computes what the written model computes."""
+    for recipe, name in ((engine.recipe, "a"), (r2, "b")):
+        if recipe is r2:
+            engine.apply(r2)
+        out = merge_to_dir(recipe, tmp_path / name, out_dtype="float32", progress=False)
+        want = _state(out)
+        for tname, t in engine.state_dict().items():
+            torch.testing.assert_close(t.cpu(), want[tname], rtol=0, atol=1e-6, msg=tname)
+        ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+        written = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        torch.testing.assert_close(_logits(engine.model, ids), _logits(written, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_device_map_places_the_live_model(llama, tmp_path):
+    """accelerate places the live model (here every module on the CPU: CI has one device); each
+    tensor is merged where its module lives and the dispatched model runs the merged weights."""
+    base, fts = llama
+    r1 = _recipe("dare_ties", base, fts, [{"weight": 1.0, "density": 0.5}] * 3)
+    r2 = _recipe("dare_ties", base, fts, [{"weight": [0.2, 0.8], "density": [0.9, 0.3]}] * 3)
+    auto = PreparedMerge(r1, device="cpu", device_map="auto", max_memory={"cpu": "2GiB"}, progress=False)
+    assert set(auto.device_map.values()) == {"cpu"}
+    _check_placed_engine(auto, r2, tmp_path / "auto")
+    explicit = PreparedMerge(r1, device="cpu", device_map=_split_map(4, "cpu", "cpu"), progress=False)
+    assert explicit.model.hf_device_map == explicit.device_map  # dispatched by accelerate
+    _check_placed_engine(explicit, r2, tmp_path / "explicit")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the live model split between GPU and CPU")
+def test_device_map_splits_between_gpu_and_cpu(llama, tmp_path):
+    base, fts = llama
+    r1 = _recipe("ties", base, fts, [{"weight": 1.0, "density": 0.3}] * 3)
+    r2 = _recipe("ties", base, fts, [{"weight": [0.2, 0.8], "density": [0.9, 0.3]}] * 3)
+    engine = PreparedMerge(r1, device="cuda", device_map=_split_map(4, 0, "cpu"), progress=False)
+    devices = {p.device.type for p in engine.state_dict().values()}
+    assert devices == {"cuda", "cpu"}  # the CPU half is offloaded: run on the GPU, stored on the host
+    _check_placed_engine(engine, r2, tmp_path / "split")
+    auto = PreparedMerge(r1, device="cuda", device_map="auto", max_memory={0: "100KiB", "cpu": "1GiB"}, progress=False)
+    assert {0, "cpu"} <= set(auto.device_map.values()), auto.device_map
+    _check_placed_engine(auto, r2, tmp_path / "auto")
+
+
+@pytest.mark.parametrize("device_map,match", [
+    ({"": "disk"}, "on 'disk'"),
+    ({"model.layers": "cpu"}, "names no module holding tensor 'model.embed_tokens.weight'"),
+    ("balanced_low_0", "not understood"),
+])
+def test_bad_device_map_is_a_clear_error(llama, device_map, match):
+    from evomerge.errors import MergeError
+
+    base, fts = llama
+    with pytest.raises(MergeError, match=match):
+        PreparedMerge(_recipe("ties", base, fts, [{"weight": 1.0, "density": 0.5}] * 3), device="cpu",
+                      device_map=device_map, progress=False)

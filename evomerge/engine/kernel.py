@@ -74,7 +74,10 @@ def raise_if_not_finite(checks: list[tuple[str, torch.Tensor]], recipe: Recipe) 
     """One clear error naming the first tensor whose merged values sum to NaN or infinity."""
     if not checks:
         return
-    if bool(torch.isfinite(torch.stack([t.float() for _, t in checks])).all()):
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, t in checks:  # one stack and one wait per device (a placed model spans several)
+        by_device.setdefault(t.device, []).append(t.float())
+    if all(bool(torch.isfinite(torch.stack(ts)).all()) for ts in by_device.values()):
         return
     name = next(n for n, t in checks if not torch.isfinite(t))
     raise MergeError(

@@ -18,6 +18,15 @@ Memory modes (``memory=``):
 ``auto`` picks the first that fits the memory available. Every mode runs the same
 :func:`run_job`, so a recipe gives the same tensors in all of them and in
 ``evomerge-merge``.
+
+A live model larger than one device (``device_map="auto"`` or an explicit map,
+with ``max_memory``) is placed by accelerate (:mod:`evomerge.engine.placement`):
+each tensor is merged on the device its module lives on and written there; layers
+accelerate puts on the CPU are merged on the CPU and copied to the GPU per forward.
+
+Lookup tables (sorted magnitudes, DARE's kept-L1 sums) stay in host memory in
+every mode: a candidate reads one number from each, and a read from GPU memory
+would stall the GPU's queue once per tensor and model.
 """
 from __future__ import annotations
 
@@ -32,6 +41,7 @@ from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from evomerge.engine import placement
 from evomerge.engine.kernel import choose_fused, input_bytes, random_aux, raise_if_not_finite, resolve_device, run_job
 from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
@@ -59,7 +69,7 @@ class ApplyTiming:
     tensors: int
 
 
-def build_live_model(config: dict, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
+def build_live_model(config: dict, trust_remote_code: bool = False) -> PreTrainedModel:
     """An empty model skeleton (no weight allocated twice) whose parameters the engine fills."""
     cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")})
     with init_empty_weights():
@@ -81,6 +91,8 @@ class PreparedMerge:
         progress: bool = True,
         trust_remote_code: bool = False,
         fused: bool | str = "auto",
+        device_map: str | dict | None = None,
+        max_memory: dict | None = None,
     ) -> None:
         if memory not in MEMORY_MODES:
             raise MergeError(f"memory mode {memory!r} is unknown; use one of {', '.join(MEMORY_MODES)}.")
@@ -88,17 +100,19 @@ class PreparedMerge:
         self.recipe = recipe
         self.device = resolve_device(device)
         self.model_dtype = model_dtype
+        self.model = build_live_model(self.plan.out_config, trust_remote_code)
+        self.device_map = (None if device_map is None else
+                           placement.infer_device_map(self.model, device_map, max_memory, model_dtype))
+        self._device = {job.out_name: self.device if self.device_map is None
+                        else placement.device_of(job.out_name, self.device_map) for job in self.plan.jobs}
         self.memory = self._choose_memory(memory)
-        self._store_device = self.device if self.memory == "device" else torch.device("cpu")
         self._needs_base = self.plan.method.needs_base
         self._resident: dict[str, _Resident] = {}
         if self.memory != "disk":
             for job in tqdm(self.plan.jobs, desc="preparing", unit="tensor", disable=not progress):
                 self._resident[job.out_name] = self._prepare(job)
         self.fused = choose_fused(self.plan, self.device, fused, input_bytes(self.plan))
-        self.model = self._build_model(trust_remote_code)
-        self._params = {job.out_name: self.model.get_parameter(job.out_name) for job in self.plan.jobs
-                        if job.out_name in self._param_names}
+        self._fill_model()
         self.apply(recipe)
 
     # ---- preparation ---------------------------------------------------------------
@@ -114,6 +128,8 @@ class PreparedMerge:
             return memory
         need = self._bytes_needed()
         host_free = psutil.virtual_memory().available * 0.7
+        if self.device_map is not None:  # the model alone needs several devices: its inputs do not fit one
+            return "host" if need < host_free else "disk"
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             if need < free * 0.7:
@@ -130,7 +146,8 @@ class PreparedMerge:
         return t.clone() if t.data_ptr() == src.data_ptr() else t
 
     def _prepare(self, job: TensorJob) -> _Resident:
-        dev = self._store_device
+        where = self._device[job.out_name]
+        dev = where if self.memory == "device" else torch.device("cpu")
         base = None if job.base is None else self._load(job.base, dev)
         inputs = [self._load(m, dev) for m in job.models]
         if self._needs_base:
@@ -140,28 +157,34 @@ class PreparedMerge:
         m = self.plan.method
         draws = random_aux(self.plan, job, self.recipe.seed, inputs[0].shape, dev) if m.uses_uniforms else None
         if m.uses_sorted_abs or m.uses_uniforms or m.aux_extras:
-            res.aux = [prepare_aux(m, d, uniforms=None if draws is None else draws[i].uniforms)
+            res.aux = [prepare_aux(m, d, uniforms=None if draws is None else draws[i].uniforms, gpu=where.type == "cuda")
                        for i, d in enumerate(inputs)]
             if draws is not None:
                 res.uniforms[self.recipe.seed] = [a.uniforms for a in res.aux]  # type: ignore[misc]
                 res.l1_below_u[self.recipe.seed] = [a.extra.pop("l1_below_u", None) for a in res.aux]
             for a in res.aux:
                 a.uniforms = None  # kept per seed in res.uniforms (and its tables in res.l1_below_u)
-        if dev.type == "cpu" and self.device.type == "cuda":
+                a.sorted_abs = None if a.sorted_abs is None else a.sorted_abs.cpu()  # a lookup table
+            res.l1_below_u = {s: [None if t is None else t.cpu() for t in ts] for s, ts in res.l1_below_u.items()}
+        if dev.type == "cpu" and where.type == "cuda":
             pin = lambda t: t.pin_memory()  # noqa: E731
             res.base = None if base is None else pin(res.base)
             res.inputs = [pin(x) for x in res.inputs]
         return res
 
-    def _build_model(self, trust_remote_code: bool) -> PreTrainedModel:
-        model = build_live_model(self.plan.out_config, self.device, self.model_dtype, trust_remote_code)
+    def _fill_model(self) -> None:
+        """Give the skeleton's parameters their first values on their devices, then (with a device map)
+        let accelerate dispatch it. Keeps a handle on each parameter's storage: with layers offloaded
+        to the CPU, accelerate swaps the module's parameter for a meta one but reads that storage."""
+        model = self.model
         self._param_names = {n for n, _ in model.named_parameters()}
         for job in self.plan.jobs:
             if job.out_name not in self._param_names:
                 continue
             ref = job.base or job.models[0]
             value = self.plan.checkpoints[ref[0]].get(ref[1])
-            set_module_tensor_to_device(model, job.out_name, self.device, value=value, dtype=self.model_dtype)
+            set_module_tensor_to_device(model, job.out_name, self._device[job.out_name], value=value,
+                                        dtype=self.model_dtype)
         model.tie_weights()
         missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
         if missing:
@@ -170,14 +193,18 @@ class PreparedMerge:
                 f"{self.plan.reference.path}. The checkpoint does not match its config.json."
             )
         for buf_name, buf in model.named_buffers():
-            if buf.device != self.device:
-                set_module_tensor_to_device(model, buf_name, self.device, value=buf)
+            where = self.device if self.device_map is None else placement.device_of(buf_name, self.device_map)
+            if buf.device != where:
+                set_module_tensor_to_device(model, buf_name, where, value=buf)
         model.requires_grad_(False)
-        return model
+        self._params = {job.out_name: model.get_parameter(job.out_name) for job in self.plan.jobs
+                        if job.out_name in self._param_names}
+        if self.device_map is not None:
+            placement.dispatch(model, self.device_map)
 
     # ---- merging -------------------------------------------------------------------
     def _inputs(self, job: TensorJob, recipe: Recipe) -> tuple[torch.Tensor | None, list[torch.Tensor], list[SparsifyAux] | None]:
-        dev = self.device
+        dev = self._device[job.out_name]
         if self.memory == "disk":
             res = self._prepare_on_the_fly(job)
         else:
@@ -189,7 +216,7 @@ class PreparedMerge:
         if m.uses_sorted_abs or m.uses_uniforms or m.aux_extras:
             aux = [SparsifyAux() for _ in inputs]
             for a, r in zip(aux, res.aux or []):
-                a.sorted_abs = None if r.sorted_abs is None else r.sorted_abs.to(dev, non_blocking=True)
+                a.sorted_abs = r.sorted_abs  # a lookup table: read on the host
                 a.extra = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v
                            for k, v in r.extra.items()}
             if m.uses_uniforms:
@@ -202,7 +229,7 @@ class PreparedMerge:
         return base, inputs, aux
 
     def _prepare_on_the_fly(self, job: TensorJob) -> _Resident:
-        dev = self.device
+        dev = self._device[job.out_name]
         base = None if job.base is None else self._load(job.base, dev)
         inputs = [self._load(m, dev) for m in job.models]
         if self._needs_base:
@@ -213,12 +240,14 @@ class PreparedMerge:
         """Common random numbers are cached per seed; fresh draws (random_mode: fresh) are not kept."""
         if recipe.seed in res.uniforms:
             return res.uniforms[recipe.seed]
-        aux = random_aux(self.plan, job, recipe.seed, res.inputs[0].shape, self._store_device)
+        aux = random_aux(self.plan, job, recipe.seed, res.inputs[0].shape, res.inputs[0].device)
         draws = [a.uniforms for a in aux]  # type: ignore[union-attr,misc]
         if recipe.random_mode == "common" and self.memory != "disk":
             res.uniforms = {recipe.seed: draws}  # keep one seed's draws, not every seed's
             if "l1_below_u" in self.plan.method.aux_extras:
-                res.l1_below_u = {recipe.seed: [l1_table(d, u) for d, u in zip(res.inputs, draws)]}
+                res.l1_below_u = {recipe.seed: [None if t is None else t.cpu() for t in
+                                                (l1_table(d, u, gpu=self._device[job.out_name].type == "cuda")
+                                                 for d, u in zip(res.inputs, draws))]}
         return draws  # type: ignore[return-value]
 
     @torch.no_grad()

@@ -149,9 +149,17 @@ def merge_into(method: MergeMethod, inputs: MergeInputs, out: torch.Tensor) -> t
         lo.append(l), hi.append(h), p.append(q), coef.append(w * scale), weight.append(w)
     total = sum(weight)
     dev = base.device
-    scalars = torch.tensor([*lo, *hi, *p, *coef, *weight, total if abs(total) >= 1e-8 else 1.0,
-                            float(gparam(inputs, ta.LAMBDA))], dtype=torch.float32, device=dev)
+    scalars = _to_device([*lo, *hi, *p, *coef, *weight, total if abs(total) >= 1e-8 else 1.0,
+                          float(gparam(inputs, ta.LAMBDA))], dev)
     return _kernel("gta", _gta)(base, deltas, uniforms, scalars, out, consensus, normalize)
+
+
+def _to_device(values: list[float], dev: torch.device) -> torch.Tensor:
+    """A float32 tensor of ``values`` on ``dev`` without stalling a GPU: a copy from pageable host memory
+    waits for every kernel queued before it, one from pinned memory does not (torch's pinned-memory
+    cache keeps the buffer alive until the copy has run)."""
+    host = torch.tensor(values, dtype=torch.float32)
+    return host if dev.type == "cpu" else host.pin_memory().to(dev, non_blocking=True)
 
 
 def _rescale(norm: str, d: torch.Tensor, density: float, aux, lo: float, hi: float, p: float,

@@ -144,9 +144,10 @@ def l1_below_u(delta: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.cat([hist.new_zeros(1), hist.cumsum(0)])
 
 
-def l1_table(delta: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor | None:
-    """:func:`l1_below_u` where it pays: only where the table (U_GRID + 1 floats) is smaller than the pass it saves."""
-    return l1_below_u(delta, uniforms) if delta.numel() >= U_GRID else None
+def l1_table(delta: torch.Tensor, uniforms: torch.Tensor, *, gpu: bool = False) -> torch.Tensor | None:
+    """:func:`l1_below_u` where it pays: where the table (U_GRID + 1 floats) is smaller than the pass it
+    saves, and for every tensor merged on a GPU (``gpu``), where the pass's result would cost a host wait."""
+    return l1_below_u(delta, uniforms) if (gpu or delta.numel() >= U_GRID) else None
 
 
 def kept_l1_lookup(aux: SparsifyAux | None, steps: int) -> float | None:
@@ -273,12 +274,12 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, uniforms
 
 # ---- precomputation for the prepared engine --------------------------------------
 def prepare_aux(method: MergeMethod, delta: torch.Tensor, *, uniforms: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> SparsifyAux:
+                generator: torch.Generator | None = None, gpu: bool = False) -> SparsifyAux:
     """Everything ``method`` can reuse across candidates for one model's delta.
 
     Uniforms are taken as given, else drawn with ``torch.rand(delta.shape,
     generator=generator)``; call this model by model in recipe order to reproduce
-    what a method draws itself from the same generator.
+    what a method draws itself from the same generator. ``gpu``: the delta will be merged on a GPU.
     """
     aux = SparsifyAux()
     if method.uses_sorted_abs:
@@ -291,7 +292,7 @@ def prepare_aux(method: MergeMethod, delta: torch.Tensor, *, uniforms: torch.Ten
         elif key == "della_rank":
             aux.extra[key] = della_rank(delta)
         elif key == "l1_below_u":
-            table = None if aux.uniforms is None else l1_table(delta, aux.uniforms)
+            table = None if aux.uniforms is None else l1_table(delta, aux.uniforms, gpu=gpu)
             if table is not None:
                 aux.extra[key] = table
         else:

@@ -186,7 +186,8 @@ class SearchSession:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.raw["eval_dtype"]]
         recipe = self.genome.recipe(self.genome.baselines()["textbook"])
         return PreparedMerge(recipe, device=str(self.device), memory=self.raw.get("memory", "auto"),
-                             model_dtype=dtype, progress=self.progress)
+                             model_dtype=dtype, progress=self.progress, device_map=self.raw.get("device_map"),
+                             max_memory=self.raw.get("max_memory"))
 
     def _outputs(self, study: optuna.Study, final: FinalResult, interrupted: bool) -> dict[str, Any]:
         from evomerge.export.report import write_report
