@@ -43,7 +43,8 @@ def _mask(d: torch.Tensor, u: torch.Tensor | None, lo: torch.Tensor, hi: torch.T
 
 
 def _gta(base: torch.Tensor, deltas: list[torch.Tensor], uniforms: list[torch.Tensor] | None,
-         scalars: torch.Tensor, out: torch.Tensor, consensus: bool, normalize: bool) -> torch.Tensor:
+         scalars: torch.Tensor, out: torch.Tensor, consensus: bool, normalize: bool,
+         reduce: bool) -> torch.Tensor | None:
     # scalars = [lo, hi, p, coef, weight] (one per model each), then total weight, lambda: one tensor
     # argument instead of seven keeps the per-tensor call (guards, host-to-device copies) cheap.
     n = len(deltas)
@@ -74,7 +75,10 @@ def _gta(base: torch.Tensor, deltas: list[torch.Tensor], uniforms: list[torch.Te
             mixed = mixed / total_weight
     merged = base + mixed * lam
     out.copy_(merged)
-    return merged.sum()  # the NaN/inf check, accumulated in the same loop instead of another read of ``out``
+    # The NaN/inf check, accumulated in the same loop instead of another read of ``out`` (on a CPU). On a
+    # GPU the compiler schedules a reduction in a dynamic-shape kernel from the first call's sizes; torch's
+    # own sum kernel is tuned for every size, so there the caller sums ``out`` (one more read of it).
+    return merged.sum() if reduce else None
 
 
 def _kept_l1(d: torch.Tensor, u: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -151,7 +155,9 @@ def merge_into(method: MergeMethod, inputs: MergeInputs, out: torch.Tensor) -> t
     dev = base.device
     scalars = _to_device([*lo, *hi, *p, *coef, *weight, total if abs(total) >= 1e-8 else 1.0,
                           float(gparam(inputs, ta.LAMBDA))], dev)
-    return _kernel("gta", _gta)(base, deltas, uniforms, scalars, out, consensus, normalize)
+    reduce = dev.type == "cpu"
+    total = _kernel("gta", _gta)(base, deltas, uniforms, scalars, out, consensus, normalize, reduce)
+    return total if reduce else out.sum()
 
 
 def _to_device(values: list[float], dev: torch.device) -> torch.Tensor:

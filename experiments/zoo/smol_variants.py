@@ -1,9 +1,11 @@
 """Which smol specialists would compose? Variants of the zoo's recipe, for issue #7.
 
-The smol zoo's full fine-tunes do not compose (results/zoo.md, "smol: do the specialists' task
-vectors compose?"). This trains variants of the math specialists from the same base, on the same
+The first smol zoo's full fine-tunes did not compose (results/zoo.md, "smol: do the specialists'
+task vectors compose?"). This trains variants of the math specialists from the zoo's base, on the same
 data and schedule as the zoo (evomerge/zoo/smol.py), and scores every specialist, the triple and each
-pair by task arithmetic (weight 1) the way merge_check.py does:
+pair by task arithmetic (weight 1) the way merge_check.py does. (The results in results/zoo.md were
+measured on the first zoo's base, the raw SmolLM2-135M-Instruct; today's base already has the format
+stage, so ``--format-steps`` now adds a second one.)
 
 * ``--rank R``: LoRA adapters of rank R on every linear layer, merged into full weights (0: full fine-tunes);
 * ``--format-steps N``: first fine-tune the base for N steps on all four skills at once (it learns the
