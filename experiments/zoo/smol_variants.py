@@ -8,6 +8,8 @@ measured on the first zoo's base, the raw SmolLM2-135M-Instruct; today's base al
 stage, so ``--format-steps`` now adds a second one.)
 
 * ``--rank R``: LoRA adapters of rank R on every linear layer, merged into full weights (0: full fine-tunes);
+* ``--replay F``: the share of each specialist's batches that replays the base's own answers on the
+  other skills (the zoo's 0.2);
 * ``--format-steps N``: first fine-tune the base for N steps on all four skills at once (it learns the
   answer format), and use *that* as the base the specialists start from and are merged onto.
 
@@ -44,6 +46,9 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--steps", type=int, default=None, help="default: the zoo's")
+    ap.add_argument("--replay", type=float, default=0.2, help="share of each batch replaying the base's own answers "
+                                                              "on the other skills (the zoo's: 0.2)")
+    ap.add_argument("--weights", type=float, nargs="+", default=[1.0], help="task-arithmetic weights to merge at")
     ap.add_argument("--out", type=Path, default=Path("/tmp/smol_variants"))
     ap.add_argument("--limit", type=int, default=None, help="test items per task (default: all 500)")
     args = ap.parse_args()
@@ -64,7 +69,7 @@ def main() -> None:
     specs: dict[str, dict[str, torch.Tensor]] = {}
     for skill in MATH:
         model.load_state_dict(base)
-        cfg = dataclasses.replace(smol.SPECIALISTS[skill], lr=args.lr, steps=args.steps or smol.SPECIALISTS[skill].steps)
+        cfg = smol.specialist(skill, args.steps or smol.SPECIALISTS[skill].steps, args.lr, replay=args.replay)
         if args.rank:
             wrapped = get_peft_model(model, lora)
             stats = train(wrapped, tokenizer, cfg, exclude=exclude, desc=f"lora {skill}", progress=True)
@@ -78,15 +83,18 @@ def main() -> None:
     tasks = [f"evomerge_{s}_ll" for s in MATH]
     ev = Evaluator(tokenizer, tasks, include_paths=[str(zoo.task_dir)], batch_size=32)
     model = model.to(torch.bfloat16)
-    candidates = {"base": [], **{s: [s] for s in MATH}, "+".join(MATH): MATH}
-    candidates |= {f"{a}+{b}": [a, b] for i, a in enumerate(MATH) for b in MATH[i + 1:]}
+    merges = {"+".join(MATH): MATH, **{f"{a}+{b}": [a, b] for i, a in enumerate(MATH) for b in MATH[i + 1:]}}
+    candidates = {"base": ([], 1.0), **{s: ([s], 1.0) for s in MATH}}
+    for w in args.weights:  # task arithmetic: base + w x each member's task vector
+        candidates |= {name if w == 1 else f"{name}, w={w:g}": (members, w) for name, members in merges.items()}
     kind = f"LoRA r={args.rank}, alpha={args.alpha or 2 * args.rank}" if args.rank else "full fine-tunes"
+    kind += f", replay {args.replay:g}"
     lines = [f"{kind}, lr={args.lr}, steps={cfg.steps}, format stage {args.format_steps} steps; "
-             f"test split, 4-way log-likelihood accuracy, bfloat16; task arithmetic at weight 1.", "",
+             f"test split, 4-way log-likelihood accuracy, bfloat16; task arithmetic (weight 1 unless named).", "",
              "| model | " + " | ".join(MATH) + " | math mean |", "|---|" + "---:|" * (len(MATH) + 1)]
-    for name, members in candidates.items():
+    for name, (members, w) in candidates.items():
         with torch.no_grad():
-            model.load_state_dict({k: base[k] + sum(specs[s][k] - base[k] for s in members) for k in base})
+            model.load_state_dict({k: base[k] + w * sum(specs[s][k] - base[k] for s in members) for k in base})
         res = ev.evaluate(model, "test", limit=args.limit)
         row = [res[t]["acc"] for t in tasks]
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {sum(row) / len(row):.3f} |")
