@@ -267,7 +267,7 @@ def _check_sweep(study, shared: Path, tmp_path: Path, n: int, workers: int, vict
 def test_postgres_three_workers_one_killed_mid_trial(pg, fam, tmp_path):
     url = pg.create_database("sweep")
     env = {**os.environ, "EVOMERGE_STORAGE_URL": url, "HYDRA_FULL_ERROR": "0"}
-    n = 12
+    n = 24  # see the journal test
     shared, victim, killed = _run_sweep(fam, tmp_path, n, 3, ["storage=postgres"], env,
                                         lambda: optuna.load_study(study_name=STUDY, storage=url))
     study = optuna.load_study(study_name=STUDY, storage=url)
@@ -290,7 +290,7 @@ def test_postgres_three_workers_one_killed_mid_trial(pg, fam, tmp_path):
 @pytest.mark.slow
 def test_journal_two_workers_one_killed_mid_trial(fam, tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    n = 8
+    n = 24  # enough that the second worker joins before the first has run them all, on a loaded machine too
     path = tmp_path / "shared" / "study.journal"
     shared, victim, killed = _run_sweep(fam, tmp_path, n, 2, ["storage=journal"], env,
                                         lambda: optuna.load_study(study_name=STUDY, storage=_journal(path)))
