@@ -88,6 +88,13 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
+def _best_merge(summary: dict) -> dict | None:
+    """The searched recipe the final step ranked first on the full search split (the winner unless a
+    baseline beat it): what the search found, even where the final choice kept a source model."""
+    top = [t for t in summary.get("top", []) if t.get("baseline") is None]
+    return max(top, key=lambda t: t.get("search_full_fitness", t["search_fitness"]), default=None)
+
+
 def build_table(runs: Path, zoo: str, out: Path) -> str:
     """Markdown table of everything finished under ``runs``, plus ``out``/ties_math_<zoo>.json."""
     base = runs
@@ -109,8 +116,9 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
     for k, (sf, tf) in sorted(handset.items(), key=lambda kv: -kv[1][1]):
         lines.append(f"| {k} | {sf:.3f} | {tf:.3f} |")
     lines += ["", "## Evolved (TIES, winner re-scored on test; mean ± std over seeds)", "",
-              "| genome-sampler | seeds | trials | winner search | winner test | search − test | beats best hand-set on test | trial of winner | wall s | merge s/cand | eval s/cand |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| genome-sampler | seeds | trials | winner search | winner test | search − test | winner is a merge "
+              "| best merge's test | beats best hand-set on test | trial of winner | wall s | merge s/cand | eval s/cand |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     data: dict = {"handset": handset, "search": {}}
     for row in search_rows(zoo):
         runs = [s for d in sorted((base / row).glob("s*")) if (s := _load(d))]
@@ -119,15 +127,18 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
         st = [r["best"]["search_fitness"] for r in runs]
         te = [r["best"]["test_fitness"] for r in runs]
         wins = sum(t > best_hand for t in te)
+        merged = sum(r["best"].get("baseline") is None for r in runs)  # else the final choice kept a baseline
+        best_merge = [b["test_fitness"] for r in runs if (b := _best_merge(r))]
         when = [r["best"]["trial"] for r in runs]
         wall = [r["timings"].get("total_s", float("nan")) for r in runs]
         per = [r["timings"].get("per_candidate", {}) for r in runs]
         merge = [p.get("merge_s", float("nan")) for p in per]
         ev = [p.get("eval_s", float("nan")) for p in per]
         lines.append(f"| {row} | {len(runs)} | {runs[0]['trials']['finished']} | {_ms(st)} | {_ms(te)} | "
-                     f"{_ms([a - b for a, b in zip(st, te)])} | {wins}/{len(runs)} | {_ms(when)} | "
+                     f"{_ms([a - b for a, b in zip(st, te)])} | {merged}/{len(runs)} | {_ms(best_merge)} | {wins}/{len(runs)} | {_ms(when)} | "
                      f"{statistics.mean(wall):.0f} | {statistics.median(merge):.3f} | {statistics.median(ev):.3f} |")
-        data["search"][row] = {"search": st, "test": te, "trial_of_winner": when, "wall_s": wall}
+        data["search"][row] = {"search": st, "test": te, "trial_of_winner": when, "wall_s": wall,
+                               "best_merge_test": best_merge}
     lines.append("")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"ties_math_{zoo}.json").write_text(json.dumps(data, indent=2))
