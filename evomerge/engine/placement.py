@@ -35,9 +35,8 @@ def infer_device_map(model: torch.nn.Module, device_map: str | DeviceMap, max_me
         device_map = dict(infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split,
                                                 dtype=dtype))
     placed = {str(k): v for k, v in dict(device_map).items()}
-    bad = {k: v for k, v in placed.items() if v == "disk"}
-    if bad:
-        name = next(iter(bad))
+    name = next((k for k, v in placed.items() if v == "disk"), None)
+    if name is not None:
         raise MergeError(f"device_map places {name!r} on 'disk': the live model must fit in device and host memory "
                          f"together (the merge inputs can still stay on disk: memory=disk). Raise max_memory's "
                          f"'cpu' budget or use a machine with more memory.")

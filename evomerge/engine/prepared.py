@@ -69,6 +69,11 @@ class ApplyTiming:
     tensors: int
 
 
+def _on_host(table: torch.Tensor | None) -> torch.Tensor | None:
+    """A lookup table moved to host memory (see the module docstring for why)."""
+    return None if table is None else table.cpu()
+
+
 def build_live_model(config: dict, trust_remote_code: bool = False) -> PreTrainedModel:
     """An empty model skeleton (no weight allocated twice) whose parameters the engine fills."""
     cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")})
@@ -161,11 +166,10 @@ class PreparedMerge:
                        for i, d in enumerate(inputs)]
             if draws is not None:
                 res.uniforms[self.recipe.seed] = [a.uniforms for a in res.aux]  # type: ignore[misc]
-                res.l1_below_u[self.recipe.seed] = [a.extra.pop("l1_below_u", None) for a in res.aux]
+                res.l1_below_u[self.recipe.seed] = [_on_host(a.extra.pop("l1_below_u", None)) for a in res.aux]
             for a in res.aux:
                 a.uniforms = None  # kept per seed in res.uniforms (and its tables in res.l1_below_u)
-                a.sorted_abs = None if a.sorted_abs is None else a.sorted_abs.cpu()  # a lookup table
-            res.l1_below_u = {s: [None if t is None else t.cpu() for t in ts] for s, ts in res.l1_below_u.items()}
+                a.sorted_abs = _on_host(a.sorted_abs)
         if dev.type == "cpu" and where.type == "cuda":
             pin = lambda t: t.pin_memory()  # noqa: E731
             res.base = None if base is None else pin(res.base)
@@ -245,9 +249,8 @@ class PreparedMerge:
         if recipe.random_mode == "common" and self.memory != "disk":
             res.uniforms = {recipe.seed: draws}  # keep one seed's draws, not every seed's
             if "l1_below_u" in self.plan.method.aux_extras:
-                res.l1_below_u = {recipe.seed: [None if t is None else t.cpu() for t in
-                                                (l1_table(d, u, gpu=self._device[job.out_name].type == "cuda")
-                                                 for d, u in zip(res.inputs, draws))]}
+                gpu = self._device[job.out_name].type == "cuda"
+                res.l1_below_u = {recipe.seed: [_on_host(l1_table(d, u, gpu=gpu)) for d, u in zip(res.inputs, draws)]}
         return draws  # type: ignore[return-value]
 
     @torch.no_grad()

@@ -156,8 +156,8 @@ def merge_into(method: MergeMethod, inputs: MergeInputs, out: torch.Tensor) -> t
     scalars = _to_device([*lo, *hi, *p, *coef, *weight, total if abs(total) >= 1e-8 else 1.0,
                           float(gparam(inputs, ta.LAMBDA))], dev)
     reduce = dev.type == "cpu"
-    total = _kernel("gta", _gta)(base, deltas, uniforms, scalars, out, consensus, normalize, reduce)
-    return total if reduce else out.sum()
+    checksum = _kernel("gta", _gta)(base, deltas, uniforms, scalars, out, consensus, normalize, reduce)
+    return checksum if reduce else out.sum()
 
 
 def _to_device(values: list[float], dev: torch.device) -> torch.Tensor:
