@@ -68,7 +68,6 @@ def main() -> None:
     p.add_argument("--delay", type=float, default=0.02)
     p.add_argument("--die-at", type=int, default=None)
     p.add_argument("--die-in-gate", type=int, default=None, help="SIGKILL right after taking the K-th trial, mutex held")
-    p.add_argument("--lock-grace", type=int, default=None, help="seconds before a dead holder's lock file is broken")
     p.add_argument("--worker", default="0")
     p.add_argument("--heartbeat", type=int, default=1)
     p.add_argument("--grace", type=int, default=3)
@@ -80,12 +79,9 @@ def main() -> None:
     from evomerge.search import driver
     from evomerge.search.cluster import final
     from evomerge.search.cluster.budget import ClusterLoop
-    from evomerge.search.cluster import storage as cluster_storage
     from evomerge.search.cluster.storage import study_mutex
     from evomerge.search.storage import make_storage
 
-    if args.lock_grace:
-        cluster_storage.FILE_LOCK_GRACE_S = args.lock_grace
     cfg = {"kind": args.kind, "url": args.url, "path": args.path, "heartbeat_interval": args.heartbeat,
            "grace_period": args.grace}
     storage = make_storage(cfg, Path(args.path or ".").parent, driver.retry_trial)

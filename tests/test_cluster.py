@@ -80,8 +80,7 @@ def _fake(kind: str, where: str, n: int, worker: int, *extra: str) -> subprocess
 
 
 def _fake_sweep(kind: str, where: str, n: int, workers: int, victim_args: list[str]) -> list[dict]:
-    # a dead holder's lock file is broken after 3 s instead of 30 (survivors wait that long)
-    procs = [_fake(kind, where, n, w, "--lock-grace", "3", *(victim_args if w == 1 else [])) for w in range(workers)]
+    procs = [_fake(kind, where, n, w, *(victim_args if w == 1 else [])) for w in range(workers)]
     outs = []
     for w, p in enumerate(procs):
         out, err = p.communicate(timeout=180)
@@ -116,12 +115,53 @@ def test_budget_is_exact_when_a_worker_dies(kind, death, request, tmp_path):
     assert final["done"] and final["worker"] == next(o["worker"] for o in outs if o["won"])
 
 
+_LOCKER = """
+import os, sys, time
+from pathlib import Path
+from evomerge.search.cluster.storage import FileMutex
+lock, log, rounds, die = FileMutex(Path(sys.argv[1])), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "die"
+for i in range(rounds):
+    with lock:
+        with open(log, "a") as f:
+            f.write(f"in {os.getpid()}\\n")
+        if die:
+            os.kill(os.getpid(), 9)
+        time.sleep(0.005)
+        with open(log, "a") as f:
+            f.write(f"out {os.getpid()}\\n")
+"""
+
+
+def test_file_mutex_excludes_processes_and_outlives_a_killed_holder(tmp_path):
+    """Four processes take the lock 40 times each while a fifth dies holding it: never two inside at once,
+    and the dead holder's lock is free at once (Optuna's lock files are broken only after a grace period,
+    and two waiters could break them together)."""
+    lock, log = tmp_path / "s.lock", tmp_path / "log"
+    start = time.monotonic()
+    victim = subprocess.run([sys.executable, "-c", _LOCKER, str(lock), str(log), "1", "die"], capture_output=True)
+    assert victim.returncode == -signal.SIGKILL
+    procs = [subprocess.Popen([sys.executable, "-c", _LOCKER, str(lock), str(log), "40", "live"],
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()[-2000:]
+    assert time.monotonic() - start < 60  # no 30 s wait on the dead holder's lock
+    lines = log.read_text().split("\n")[1:-1]  # the victim's lone "in" first
+    assert len(lines) == 2 * 4 * 40
+    for enter, leave in zip(lines[::2], lines[1::2]):  # every entry is followed by the same process leaving
+        assert enter.startswith("in ") and leave == "out " + enter[3:]
+    from evomerge.errors import ConfigError
+    from evomerge.search.cluster.storage import FileMutex
+
+    with pytest.raises(ConfigError, match=r"cannot lock .*/gone/s\.lock: No such file or directory; check that the folder"):
+        FileMutex(tmp_path / "gone" / "s.lock").acquire()
+
+
 def test_final_claim_is_taken_over_only_from_a_dead_exporter(tmp_path):
     from evomerge.search.cluster import final
     from evomerge.search.cluster.storage import FileMutex
 
     study = optuna.create_study(study_name="s", storage=_journal(tmp_path / "j"))
-    mutex = FileMutex(tmp_path / "j.lock")
+    mutex = FileMutex(tmp_path / "j.mutex")
     won, rec = final.claim(study, mutex, "A", tmp_path, watch_s=None)
     assert won and rec["worker"] == "A"
     assert final.claim(study, mutex, "B", tmp_path, watch_s=None) == (False, final._get(study))  # noqa: SLF001

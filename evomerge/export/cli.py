@@ -31,7 +31,7 @@ def _open_storage(run_dir: Path, given: str | None):
     from evomerge.search.cluster.final import manifest_storage
     from evomerge.search.storage import make_storage
 
-    shared = manifest_storage(run_dir)  # a cluster sweep's shared folder names its storage (docs/cluster.md)
+    shared = manifest_storage(run_dir)  # a cluster sweep's shared folder names its storage
     if shared is not None:
         return shared
 

@@ -62,17 +62,16 @@ def _sqlite(cfg: dict[str, Any], run_dir: Path, cb: Any) -> optuna.storages.Base
 def _journal(cfg: dict[str, Any], run_dir: Path, cb: Any) -> optuna.storages.BaseStorage:
     """An append-only journal file: about 4x cheaper per trial than SQLite (see results/search_speed.md)."""
     from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+
+    from evomerge.search.cluster.storage import journal_backend, journal_storage
 
     path = Path(cfg.get("path") or "study.journal")
     if not path.is_absolute():
         path = run_dir / path
     path.parent.mkdir(parents=True, exist_ok=True)
-    if cfg.get("heartbeat_interval"):  # workers share the file: dead ones are found by heartbeat (docs/cluster.md)
-        from evomerge.search.cluster.storage import journal_storage
-
+    if cfg.get("heartbeat_interval"):  # workers share the file: dead ones are found by heartbeat (README, cluster)
         return journal_storage(path.resolve(), cfg, cb)
-    return JournalStorage(JournalFileBackend(str(path.resolve())))
+    return JournalStorage(journal_backend(path.resolve()))
 
 
 def _postgres(cfg: dict[str, Any], run_dir: Path, cb: Any) -> optuna.storages.BaseStorage:

@@ -11,7 +11,10 @@ stage, so ``--format-steps`` now adds a second one.)
 * ``--replay F``: the share of each specialist's batches that replays the base's own answers on the
   other skills (the zoo's 0.2);
 * ``--format-steps N``: first fine-tune the base for N steps on all four skills at once (it learns the
-  answer format), and use *that* as the base the specialists start from and are merged onto.
+  answer format), and use *that* as the base the specialists start from and are merged onto;
+* ``--forget-steps M``: then fine-tune it for M steps on easy material only (carry-free sums,
+  borrow-free differences, copying), as the tiny zoo makes its base: the specialists then *recall* a
+  skill the model once had, and the table gains a ``competent`` row (the model before forgetting).
 
     python experiments/zoo/smol_variants.py --rank 16 --lr 5e-4        # ~14 min on 1 core
     python experiments/zoo/smol_variants.py --rank 0 --format-steps 100
@@ -43,6 +46,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank (0: full fine-tunes)")
     ap.add_argument("--format-steps", type=int, default=0, help="shared all-skills stage first (0: none)")
+    ap.add_argument("--forget-steps", type=int, default=0, help="then easy material only (0: none)")
+    ap.add_argument("--forget-lr", type=float, default=5e-5)
     ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--steps", type=int, default=None, help="default: the zoo's")
@@ -64,6 +69,12 @@ def main() -> None:
         mix = {s: 1.0 / len(smol.SKILLS) for s in smol.SKILLS}
         fmt = dataclasses.replace(smol.SPECIALISTS["add"], mix=mix, steps=args.format_steps, seed=smol.SEED + 7)
         train(model, tokenizer, fmt, exclude=exclude, desc="format stage", progress=True)
+    competent = {k: v.clone() for k, v in model.state_dict().items()} if args.forget_steps else None
+    if args.forget_steps:
+        easy = {"add_easy": 0.35, "sub_easy": 0.35, "copy": 0.3}
+        forget = dataclasses.replace(smol.SPECIALISTS["add"], mix=easy, steps=args.forget_steps, lr=args.forget_lr,
+                                     seed=smol.SEED + 2)
+        train(model, tokenizer, forget, exclude=exclude, desc="forget stage", progress=True)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     lora = None if not args.rank else LoraConfig(r=args.rank, lora_alpha=args.alpha or 2 * args.rank, lora_dropout=0.0, target_modules=TARGETS)
     specs: dict[str, dict[str, torch.Tensor]] = {}
@@ -85,11 +96,15 @@ def main() -> None:
     model = model.to(torch.bfloat16)
     merges = {"+".join(MATH): MATH, **{f"{a}+{b}": [a, b] for i, a in enumerate(MATH) for b in MATH[i + 1:]}}
     candidates = {"base": ([], 1.0), **{s: ([s], 1.0) for s in MATH}}
+    if competent is not None:
+        specs["competent"] = competent
+        candidates = {"competent": (["competent"], 1.0), **candidates}
     for w in args.weights:  # task arithmetic: base + w x each member's task vector
         candidates |= {name if w == 1 else f"{name}, w={w:g}": (members, w) for name, members in merges.items()}
     kind = f"LoRA r={args.rank}, alpha={args.alpha or 2 * args.rank}" if args.rank else "full fine-tunes"
     kind += f", replay {args.replay:g}"
-    lines = [f"{kind}, lr={args.lr}, steps={cfg.steps}, format stage {args.format_steps} steps; "
+    lines = [f"{kind}, lr={args.lr}, steps={cfg.steps}, format stage {args.format_steps} steps, "
+             f"forget stage {args.forget_steps} steps at lr {args.forget_lr:g}; "
              f"test split, 4-way log-likelihood accuracy, bfloat16; task arithmetic (weight 1 unless named).", "",
              "| model | " + " | ".join(MATH) + " | math mean |", "|---|" + "---:|" * (len(MATH) + 1)]
     for name, (members, w) in candidates.items():

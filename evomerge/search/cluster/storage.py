@@ -10,8 +10,9 @@ gets the cheapest mutex that a dead holder cannot keep forever:
   server drops it when the transaction ends, and at once when the worker's
   connection dies (SIGKILL closes the socket); ``idle_in_transaction_session_timeout``
   frees it when a whole node vanishes without closing anything.
-* Journal file / SQLite: Optuna's own O_EXCL lock file next to the storage
-  (NFSv3-safe), forcibly released after ``grace_period`` seconds.
+* Journal file / SQLite: an ``flock`` on a lock file next to the storage
+  (:class:`FileMutex`), which the kernel (on NFS, the server's lock manager)
+  releases the moment its holder dies.
 
 Why the journal storage is subclassed: Optuna's journal storage has no
 heartbeats, so a dead worker's trial would stay RUNNING forever. Heartbeats
@@ -22,9 +23,12 @@ trial).
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import re
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +44,6 @@ from evomerge.errors import ConfigError
 ENV_URL = "EVOMERGE_STORAGE_URL"
 HEARTBEAT_ATTR = "evomerge:heartbeat"
 LOCK_IDLE_TIMEOUT_S = 300  # a vanished node's advisory lock is freed by the server after this
-FILE_LOCK_GRACE_S = 30     # a dead holder's lock file is broken after this (critical sections take milliseconds)
 
 StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 
@@ -74,7 +77,7 @@ def postgres_url(cfg: dict[str, Any]) -> str:
     if not url:
         raise ConfigError(f"storage=postgres needs a database URL: export {ENV_URL}=postgresql://USER@HOST:5432/DB "
                           f"(password in ~/.pgpass or PGPASSWORD, or in the URL), or set storage.url. "
-                          f"See docs/cluster.md.")
+                          f"See the README, 'Cluster sweeps'.")
     url = str(url)
     if url.startswith("postgres://"):
         url = "postgresql://" + url[len("postgres://"):]
@@ -195,9 +198,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
 
 
 def journal_storage(path: Path, cfg: dict[str, Any], failed_trial_callback: StaleCallback | None) -> JournalStorage:
-    from optuna.storages.journal import JournalFileBackend
-
-    backend = JournalFileBackend(str(path))
+    backend = journal_backend(path)
     hb = cfg.get("heartbeat_interval")
     if not hb:
         return JournalStorage(backend)
@@ -228,22 +229,79 @@ class PgMutex:
 
 
 class FileMutex:
-    """Optuna's O_EXCL lock file (works on NFSv3+), broken after ``FILE_LOCK_GRACE_S`` if its holder died."""
+    """An exclusive ``flock`` on a lock file: the study mutex of file storages, and the journal's append lock.
+
+    Why not Optuna's lock files (O_EXCL or symlink, broken once a grace period has passed): breaking one
+    is "stat it, decide it is stale, remove it", and two waiters can both decide, the second removing the
+    lock the first has just taken; both then run the critical section (CI caught two survivors of a
+    dead worker healing its trial twice, so one candidate ran twice). An flock belongs to an open file:
+    the kernel drops it the instant its holder dies (over NFS, the server's lock manager does), so
+    nobody guesses, and survivors wait no grace period. The lock file stays on disk; it is only a name.
+    ``acquire``/``release`` are what Optuna's journal backend calls on its ``lock_obj``.
+    """
 
     def __init__(self, path: Path) -> None:
-        from optuna.storages.journal import JournalFileOpenLock
+        self.path = Path(path)
+        self._threads = threading.Lock()  # an flock excludes open files, not two threads sharing this object
+        self._fd: int | None = None
 
-        self.lock = JournalFileOpenLock(str(path), grace_period=FILE_LOCK_GRACE_S)
+    def acquire(self) -> bool:
+        self._threads.acquire()
+        try:
+            self._fd = self._lock()
+        except OSError as exc:
+            self._threads.release()
+            why = ("this file system does not support file locks (NFS without a lock manager?); put the study "
+                   "in PostgreSQL instead (storage=postgres)") if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP) \
+                else "check that the folder exists and is writable by every worker"
+            raise ConfigError(f"cannot lock {self.path}: {exc.strerror}; {why}.") from None
+        except BaseException:
+            self._threads.release()
+            raise
+        return True
+
+    def _lock(self) -> int:
+        """The locked descriptor. Locked, the file must still be the one at ``path``: had someone removed
+        it meanwhile, the next worker would lock a new file and both would be inside."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                        return fd
+                except FileNotFoundError:
+                    pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+            self._threads.release()
 
     def __enter__(self) -> "FileMutex":
-        self.lock.acquire()
+        self.acquire()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        try:
-            self.lock.release()
-        except RuntimeError:  # broken by another worker after the grace period: nothing left to release
-            pass
+        self.release()
+
+
+def journal_backend(path: Path) -> Any:
+    """Optuna's journal file, its appends serialised by a :class:`FileMutex` (a writer killed mid-append
+    would otherwise stall every other writer for Optuna's 30 s lock grace period). Not named like
+    Optuna's own ``.lock``: a tool using Optuna's lock would wait on it, then delete it."""
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalFileBackend(str(path), lock_obj=FileMutex(Path(f"{path}.flock")))
 
 
 def study_mutex(storage: optuna.storages.BaseStorage, study_name: str) -> PgMutex | FileMutex:
