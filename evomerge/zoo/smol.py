@@ -11,13 +11,24 @@ file into a float model, which is re-created as a plain ``LlamaForCausalLM``
 (``save_pretrained`` refuses a model still marked as GGUF-quantised) and saved as
 an ordinary float32 model directory -- the base every specialist starts from.
 
-The zoo's base is that model after a short *format stage*: 100 steps on all four
-skills at once. Why: prompted raw, SmolLM2-135M-Instruct answers almost nothing in
-the tasks' format, so specialists trained straight from it each spent their update
-on the format and their task vectors collided (adding any second vector cost the
-`add` specialist 0.3 of its accuracy; results/zoo.md). With the format learnt once,
-in the base, each specialist's task vector holds its skill, as in the tiny zoo,
-whose base also already answers in the format.
+The zoo's base is made in three stages, as the tiny zoo's is. Why: the specialists
+must be small fine-tunes of one capable base, whose task vectors compose.
+
+1. *format*: 100 steps on all four skills at once. Prompted raw, SmolLM2-135M-Instruct
+   answers almost nothing in the tasks' format, and specialists trained straight from
+   it spent their update on the format: their task vectors collided (adding any
+   second vector cost the `add` specialist 0.3 of its accuracy).
+2. *competent*: 300 more steps on all four skills, so the model knows every skill.
+3. *forget*: 100 steps on easy material only (carry-free sums, borrow-free
+   differences, copying), so it partly forgets the hard parts. That model is the base.
+
+Each specialist then recalls one skill. With the format stage alone (the previous
+zoo) specialists composed no better than before: no merge reached the best single
+specialist, whatever the sampler or genome (results/ties_math_smol.md). Recall
+directions from one forgetting do compose: task arithmetic of `add` and `mul` beats
+every specialist on the math mean (results/zoo.md). The competent model of stage 2 is
+not one of the zoo's models (no user has the model their specialists forgot from);
+results/zoo.md lists it as the ceiling a merge could recover.
 
 Specialists are full fine-tunes (the simplest input for a merge: task vectors are
 plain weight differences) on the project's generated data, bfloat16 autocast on
@@ -50,9 +61,13 @@ def specialist(skill: str, steps: int, lr: float, replay: float = 0.2) -> TrainC
                        freeze=("embed_tokens", "norm"))
 
 
-# The format stage: every skill in equal parts, the specialists' optimiser settings, its own seed.
+# The base's stages: every skill in equal parts (format, then competent), then easy material only (forget),
+# with the specialists' optimiser settings (forget at twice their learning rate).
 FORMAT = dataclasses.replace(specialist("add", 100, 5e-5), mix={s: 1.0 / len(SKILLS) for s in SKILLS},
                              seed=SEED + 7)
+COMPETENT = dataclasses.replace(FORMAT, steps=300)
+FORGET = dataclasses.replace(specialist("add", 100, 1e-4), mix={"add_easy": 0.35, "sub_easy": 0.35, "copy": 0.3},
+                             seed=SEED + 2)
 
 SPECIALISTS = {
     "add": specialist("add", 150, 5e-5),
@@ -77,6 +92,8 @@ def spec() -> dict:
         "source": {"package": PACKAGE, "version": _package_version(), "gguf": GGUF_FILE},
         "save_dtype": "float32",
         "format_stage": FORMAT.as_dict(),
+        "competent_stage": COMPETENT.as_dict(),
+        "forget_stage": FORGET.as_dict(),
         "specialists": {k: v.as_dict() for k, v in SPECIALISTS.items()},
     }
 
@@ -139,8 +156,8 @@ def load_gguf_base():
 
 
 def build(out: Path, *, progress: bool = True, from_scratch: bool = False) -> dict:
-    """Dequantise the model, teach it the answer format (the zoo's base), then fine-tune each specialist
-    from that base (always from scratch: nothing ships trained)."""
+    """Dequantise the model, make the base (format, competent, forget stages), then fine-tune each
+    specialist from that base (always from scratch: nothing ships trained)."""
     import torch
     from transformers import GenerationConfig
 
@@ -152,6 +169,7 @@ def build(out: Path, *, progress: bool = True, from_scratch: bool = False) -> di
                eos_token_id=tokenizer.eos_token_id)
     model.generation_config = GenerationConfig(do_sample=False, **ids)
     exclude = held_out_prompts(SKILLS, SEED)
-    stats = {"base": train(model, tokenizer, FORMAT, exclude=exclude, desc="smol format stage", progress=progress)}
+    stats = {stage: train(model, tokenizer, cfg, exclude=exclude, desc=f"smol {stage} stage", progress=progress)
+             for stage, cfg in (("format", FORMAT), ("competent", COMPETENT), ("forget", FORGET))}
     stats |= train_specialists(model, tokenizer, SPECIALISTS, out, exclude=exclude, zoo="smol", progress=progress)
     return {**build_info(SEED, SKILLS, SPECIALISTS, stats), "provenance": provenance()}
