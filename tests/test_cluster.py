@@ -118,7 +118,7 @@ def test_budget_is_exact_when_a_worker_dies(kind, death, request, tmp_path):
 _LOCKER = """
 import os, sys, time
 from pathlib import Path
-from evomerge.search.cluster.storage import FileMutex
+from evomerge.locks import FileMutex
 lock, log, rounds, die = FileMutex(Path(sys.argv[1])), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "die"
 for i in range(rounds):
     with lock:
@@ -150,7 +150,7 @@ def test_file_mutex_excludes_processes_and_outlives_a_killed_holder(tmp_path):
     for enter, leave in zip(lines[::2], lines[1::2]):  # every entry is followed by the same process leaving
         assert enter.startswith("in ") and leave == "out " + enter[3:]
     from evomerge.errors import ConfigError
-    from evomerge.search.cluster.storage import FileMutex
+    from evomerge.locks import FileMutex
 
     with pytest.raises(ConfigError, match=r"cannot lock .*/gone/s\.lock: No such file or directory; check that the folder"):
         FileMutex(tmp_path / "gone" / "s.lock").acquire()
@@ -158,7 +158,7 @@ def test_file_mutex_excludes_processes_and_outlives_a_killed_holder(tmp_path):
 
 def test_final_claim_is_taken_over_only_from_a_dead_exporter(tmp_path):
     from evomerge.search.cluster import final
-    from evomerge.search.cluster.storage import FileMutex
+    from evomerge.locks import FileMutex
 
     study = optuna.create_study(study_name="s", storage=_journal(tmp_path / "j"))
     mutex = FileMutex(tmp_path / "j.mutex")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -127,6 +128,24 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
         build_zoo("tiny", cache_dir=tmp_path, progress=False)
     assert not (tmp_path / "zoo" / "tiny").exists()
     assert not list((tmp_path / "zoo").glob(".tiny.build-*"))
+
+
+def test_a_build_waits_for_the_one_in_progress(tiny_zoo, tmp_path):
+    """Workers sharing one cache: the second blocks on the build lock, then takes the first's zoo."""
+    from evomerge.locks import FileMutex
+
+    (tmp_path / "zoo").mkdir()
+    lock = tmp_path / "zoo" / ".tiny.lock"
+    code = "import sys; from evomerge.zoo import build_zoo; print(build_zoo('tiny', cache_dir=sys.argv[1], progress=False).from_cache)"
+    with FileMutex(lock):
+        waiter = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        inode, deadline = os.stat(lock).st_ino, time.monotonic() + 60
+        while not any("->" in ln and f":{inode} " in ln for ln in Path("/proc/locks").read_text().splitlines()):
+            assert waiter.poll() is None and time.monotonic() < deadline, "the second build never waited on the lock"
+            time.sleep(0.1)
+        shutil.copytree(tiny_zoo.root, tmp_path / "zoo" / "tiny")  # the first worker's build lands
+    out, _ = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0 and out.strip() == "True"  # nothing rebuilt
 
 
 def test_cli_path_build_and_errors(tiny_zoo, capsys, monkeypatch):

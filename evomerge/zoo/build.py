@@ -11,8 +11,6 @@ builders (two test sessions, two engineers) so the work is done once.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -22,9 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
 
 from evomerge.errors import EvomergeError
+from evomerge.locks import FileMutex
 from evomerge.evaluation.taskdir import materialise_tasks, task_groups, tasks_need_refresh
 
 ZOO_NAMES = ("tiny", "smol")
@@ -115,17 +113,6 @@ def _cached(name: str, root: Path) -> Zoo | None:
     return zoo
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _open_permissions(root: Path) -> None:
     """mkdtemp makes 0700 dirs and safetensors 0600 files: a shared cache needs umask's."""
     umask = os.umask(0)
@@ -153,7 +140,8 @@ def build_zoo(
         _refresh_tasks(zoo, zoo.manifest["seed"], zoo.manifest["skills"])
         return zoo
     recipe.check_requirements()
-    with _lock(root.parent / f".{name}.lock"):
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileMutex(root.parent / f".{name}.lock"):
         if not force and (zoo := _cached(name, root)) is not None:  # built while we waited
             return zoo
         t0 = time.perf_counter()

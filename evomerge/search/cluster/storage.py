@@ -23,12 +23,9 @@ trial).
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import os
 import re
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +37,9 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.errors import ConfigError
+from evomerge.locks import FileMutex
+
+NO_LOCKS = "put the study in PostgreSQL instead (storage=postgres)"
 
 ENV_URL = "EVOMERGE_STORAGE_URL"
 HEARTBEAT_ATTR = "evomerge:heartbeat"
@@ -228,80 +228,13 @@ class PgMutex:
             conn.close()
 
 
-class FileMutex:
-    """An exclusive ``flock`` on a lock file: the study mutex of file storages, and the journal's append lock.
-
-    Why not Optuna's lock files (O_EXCL or symlink, broken once a grace period has passed): breaking one
-    is "stat it, decide it is stale, remove it", and two waiters can both decide, the second removing the
-    lock the first has just taken; both then run the critical section (CI caught two survivors of a
-    dead worker healing its trial twice, so one candidate ran twice). An flock belongs to an open file:
-    the kernel drops it the instant its holder dies (over NFS, the server's lock manager does), so
-    nobody guesses, and survivors wait no grace period. The lock file stays on disk; it is only a name.
-    ``acquire``/``release`` are what Optuna's journal backend calls on its ``lock_obj``.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._threads = threading.Lock()  # an flock excludes open files, not two threads sharing this object
-        self._fd: int | None = None
-
-    def acquire(self) -> bool:
-        self._threads.acquire()
-        try:
-            self._fd = self._lock()
-        except OSError as exc:
-            self._threads.release()
-            why = ("this file system does not support file locks (NFS without a lock manager?); put the study "
-                   "in PostgreSQL instead (storage=postgres)") if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP) \
-                else "check that the folder exists and is writable by every worker"
-            raise ConfigError(f"cannot lock {self.path}: {exc.strerror}; {why}.") from None
-        except BaseException:
-            self._threads.release()
-            raise
-        return True
-
-    def _lock(self) -> int:
-        """The locked descriptor. Locked, the file must still be the one at ``path``: had someone removed
-        it meanwhile, the next worker would lock a new file and both would be inside."""
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    if os.path.samestat(os.fstat(fd), os.stat(self.path)):
-                        return fd
-                except FileNotFoundError:
-                    pass
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-            self._threads.release()
-
-    def __enter__(self) -> "FileMutex":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
 def journal_backend(path: Path) -> Any:
     """Optuna's journal file, its appends serialised by a :class:`FileMutex` (a writer killed mid-append
     would otherwise stall every other writer for Optuna's 30 s lock grace period). Not named like
     Optuna's own ``.lock``: a tool using Optuna's lock would wait on it, then delete it."""
     from optuna.storages.journal import JournalFileBackend
 
-    return JournalFileBackend(str(path), lock_obj=FileMutex(Path(f"{path}.flock")))
+    return JournalFileBackend(str(path), lock_obj=FileMutex(Path(f"{path}.flock"), NO_LOCKS))
 
 
 def study_mutex(storage: optuna.storages.BaseStorage, study_name: str) -> PgMutex | FileMutex:
@@ -312,9 +245,9 @@ def study_mutex(storage: optuna.storages.BaseStorage, study_name: str) -> PgMute
         if url.startswith("postgresql"):
             return PgMutex(storage.engine, study_name)
         if url.startswith("sqlite:///"):
-            return FileMutex(Path(url[len("sqlite:///"):] + f".{_key(study_name) & 0xFFFFFFFF:08x}"))
+            return FileMutex(Path(url[len("sqlite:///"):] + f".{_key(study_name) & 0xFFFFFFFF:08x}"), NO_LOCKS)
         raise ConfigError(f"cluster workers need storage=postgres, journal or sqlite; {mask_url(url)} is none of them.")
     path = getattr(getattr(storage, "_backend", None), "_file_path", None)
     if path is None:
         raise ConfigError("cluster workers need storage=postgres, journal or sqlite.")
-    return FileMutex(Path(f"{path}.{_key(study_name) & 0xFFFFFFFF:08x}"))
+    return FileMutex(Path(f"{path}.{_key(study_name) & 0xFFFFFFFF:08x}"), NO_LOCKS)

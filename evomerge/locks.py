@@ -1,0 +1,82 @@
+"""A lock that many processes on many machines share, and that a dead holder cannot keep."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import ConfigError
+
+
+class FileMutex:
+    """An exclusive ``flock`` on a lock file: the study mutex of file storages, the journal's append lock,
+    and the zoo cache's build lock (one worker builds a zoo while the others wait for it).
+
+    Why not Optuna's lock files (O_EXCL or symlink, broken once a grace period has passed): breaking one
+    is "stat it, decide it is stale, remove it", and two waiters can both decide, the second removing the
+    lock the first has just taken; both then run the critical section (CI caught two survivors of a
+    dead worker healing its trial twice, so one candidate ran twice). An flock belongs to an open file:
+    the kernel drops it the instant its holder dies (over NFS, the server's lock manager does), so
+    nobody guesses, and survivors wait no grace period. The lock file stays on disk; it is only a name.
+    ``acquire``/``release`` are what Optuna's journal backend calls on its ``lock_obj``.
+    """
+
+    def __init__(self, path: Path, no_locks_hint: str = "") -> None:
+        """``no_locks_hint``: what to do instead where the file system has no locks."""
+        self.path = Path(path)
+        self.no_locks_hint = no_locks_hint
+        self._threads = threading.Lock()  # an flock excludes open files, not two threads sharing this object
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        self._threads.acquire()
+        try:
+            self._fd = self._lock()
+        except OSError as exc:
+            self._threads.release()
+            why = ("this file system does not support file locks (NFS without a lock manager?)"
+                   + (f"; {self.no_locks_hint}" if self.no_locks_hint else "")) \
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP) \
+                else "check that the folder exists and is writable by every worker"
+            raise ConfigError(f"cannot lock {self.path}: {exc.strerror}; {why}.") from None
+        except BaseException:
+            self._threads.release()
+            raise
+        return True
+
+    def _lock(self) -> int:
+        """The locked descriptor. Locked, the file must still be the one at ``path``: had someone removed
+        it meanwhile, the next worker would lock a new file and both would be inside."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                        return fd
+                except FileNotFoundError:
+                    pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+            self._threads.release()
+
+    def __enter__(self) -> "FileMutex":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
