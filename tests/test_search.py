@@ -422,14 +422,64 @@ class _Scorer:
         return False
 
 
-def _loop(family, engine, n_trials, storage=None):
+class _EasyFirstItems(_Scorer):
+    """A two-stage scorer whose first look scores every candidate ``bias`` above its whole look (the first
+    items of a task are easier), the whole look being the first model's weight."""
+
+    def __init__(self, engine: _Engine, bias: float) -> None:
+        self.engine, self.bias = engine, bias
+
+    def _score(self, fitness: float):
+        from evomerge.search.fitness import Score
+
+        return Score(values=[fitness], fitness=fitness, metrics={"t": {"acc": fitness}}, seconds=0.001)
+
+    def _whole(self) -> float:
+        w = self.engine.last.models[0].parameters["weight"]
+        return float(w[0] if isinstance(w, list) else w)
+
+    def score(self, model, split, limit):
+        return self._score(self._whole())
+
+    def can_split(self, split):
+        return True
+
+    def first_look(self, model, split, limit, first):
+        return self._score(self._whole() + self.bias), {}
+
+    def rest(self, model, split, state):
+        return self._score(self._whole())
+
+
+def _loop(family, engine, n_trials, storage=None, scorer=None, pruner=None):
     g = genome(family, layers_per_group="global")
     study = optuna.create_study(direction="maximize", storage=storage)
     driver.enqueue_baselines(study, g.baselines())
-    loop = driver.SearchLoop(study, lambda start: optuna.samplers.RandomSampler(seed=0), optuna.pruners.NopPruner(),
-                             g, engine, _Scorer(), n_trials=n_trials, limit=None, first_limit=None, prune=False,
+    loop = driver.SearchLoop(study, lambda start: optuna.samplers.RandomSampler(seed=0),
+                             pruner or optuna.pruners.NopPruner(), g, engine, scorer or _Scorer(), n_trials=n_trials,
+                             limit=None, first_limit=0.25 if pruner else None, prune=pruner is not None,
                              seed=0, fresh_seeds=False, progress=False)
     return study, loop
+
+
+def test_a_pruned_trial_tells_the_sampler_its_first_look_on_the_whole_looks_scale(family):
+    """Told its raw first look, a pruned candidate would outrank every kept one whenever the first items are
+    easier (on the smol zoo by 0.07), and CMA-ES would walk towards what the pruner rejected."""
+    engine = _Engine()
+    study, loop = _loop(family, engine, n_trials=30, scorer=_EasyFirstItems(engine, bias=0.3),
+                        pruner=optuna.pruners.PercentilePruner(50.0, n_startup_trials=3))
+    loop.run()
+    g = genome(family, layers_per_group="global")
+    pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED]
+    assert len(pruned) >= 5
+    for t in pruned:
+        whole = g.recipe(t.params, seed=0).models[0].parameters["weight"]
+        whole = whole[0] if isinstance(whole, list) else whole
+        assert t.intermediate_values[0] == pytest.approx(whole + 0.3)  # the pruner compares raw first looks
+        assert t.value == t.intermediate_values[1] == pytest.approx(whole)  # what samplers read
+        assert t.user_attrs["fitness"] == pytest.approx(whole) and t.user_attrs["first_fitness"] == pytest.approx(whole + 0.3)
+    kept = [t.value for t in study.get_trials() if t.state == TrialState.COMPLETE and not t.user_attrs.get("baseline")]
+    assert max(t.value for t in pruned) < max(kept)
 
 
 def test_failed_candidates_are_recorded_and_the_search_goes_on(family):

@@ -35,7 +35,7 @@ def plot_history(study: optuna.Study, path: Path) -> Path:
     if done:
         ax.scatter(*zip(*done), s=18, label="candidate", color="tab:blue")
     if pruned:
-        ax.scatter(*zip(*pruned), s=18, marker="x", label="pruned (first look)", color="tab:gray")
+        ax.scatter(*zip(*pruned), s=18, marker="x", label="pruned (first look, on the whole look's scale)", color="tab:gray")
     failed = [t.number for t in trials if t.state == TrialState.FAIL]
     colors = plt.cm.tab10.colors  # type: ignore[attr-defined]
     base = [(t.user_attrs["baseline"], t.number, _fitness(t)) for t in trials

@@ -237,7 +237,10 @@ class SearchLoop:
                     eval_s += first.seconds
                     trial.report(first.fitness, step=0)
                     if trial.should_prune():
-                        self._record(trial, merge_s, eval_s, first.metrics, first_fitness=first.fitness)
+                        estimate = first.fitness - self._first_look_offset()
+                        trial.report(estimate, step=1)  # a sampler reads a pruned trial's last report
+                        self._record(trial, merge_s, eval_s, first.metrics, first_fitness=first.fitness,
+                                     fitness=estimate)
                         trial.finish(TrialState.PRUNED)
                         self._time(start, merge_s, eval_s)
                         return TrialState.PRUNED, None
@@ -265,6 +268,23 @@ class SearchLoop:
             _free_accelerator_memory()
             tqdm.write(f"trial {trial.number} failed: {reason}")
             return TrialState.FAIL, reason
+
+    def _first_look_offset(self) -> float:
+        """How much higher a first look scores than its whole look, over this study's completed trials.
+
+        Why a pruned trial is not told to the sampler as its raw first look: the first items of a task are
+        not an average sample of its items. On the smol zoo they score 0.03-0.09 higher than the whole look
+        for every candidate alike, so CMA-ES (which ranks a pruned trial by its last reported value) was
+        told that the candidates the pruner had just rejected beat every candidate it kept, and walked
+        towards them. The mean paired difference over completed trials puts the first look on the
+        whole look's scale; completed trials had the better first looks, so it errs, if anything, on
+        the side of a pruned trial looking worse. Step 0 stays the raw first look: the pruner compares
+        first looks with first looks, on the same items.
+        """
+        diffs = [t.intermediate_values[0] - t.values[0]
+                 for t in self.mirror.mem.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if 0 in t.intermediate_values and t.values]
+        return sum(diffs) / len(diffs) if diffs else 0.0
 
     def _record(self, trial: Any, merge_s: float, eval_s: float, metrics: dict | None, **scores: float) -> None:
         for key, value in scores.items():

@@ -3,8 +3,9 @@
 Why CMA-ES by default: a merge genome is a few dozen continuous, correlated
 genes (a model's weight in layer 3 trades against its weight in layer 4 and
 against the other models'), which is what CMA-ES adapts to. It is told about
-pruned trials (their first-look score) so a generation is not held up waiting
-for full evaluations it would never get.
+pruned trials (their first look, put on the whole look's scale: see
+``SearchLoop._first_look_offset``) so a generation is not held up waiting for
+full evaluations it would never get.
 """
 from __future__ import annotations
 
