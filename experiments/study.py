@@ -12,7 +12,9 @@ Rows: handset, {global,layers}-{cmaes,tpe,random}. Run directories: runs/study-<
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -63,7 +65,14 @@ def evomerge(overrides: list[str], out: Path, zoo: str, seed: int) -> None:
     print(f"  done in {time.perf_counter() - start:.0f}s", flush=True)
 
 
-def run_row(runs: Path, zoo: str, row: str, seeds: list[int], n_sources: int, trials: int | None) -> None:
+def row_dir(row: str, trials: int | None, limit: float | None) -> str:
+    """A row run at a non-default budget gets a directory of its own, so its table line stands beside the
+    default one instead of resuming (and mixing with) it: layers-cmaes-t80-l0.5."""
+    return row + (f"-t{trials}" if trials else "") + (f"-l{limit:g}" if limit else "")
+
+
+def run_row(runs: Path, zoo: str, row: str, seeds: list[int], n_sources: int, trials: int | None,
+            limit: float | None = None) -> None:
     if row == "handset":
         for name, ov in handset_runs(n_sources).items():
             evomerge(ov, runs / "handset" / name, zoo, 0)
@@ -71,8 +80,9 @@ def run_row(runs: Path, zoo: str, row: str, seeds: list[int], n_sources: int, tr
     rows = search_rows(zoo, trials)
     if row not in rows:
         raise SystemExit(f"unknown row {row!r}; rows: handset, {', '.join(rows)}")
+    extra = [f"models.limit={limit}"] if limit else []
     for seed in seeds:
-        evomerge(["+search=ties_math", *rows[row]], runs / row / f"s{seed}", zoo, seed)
+        evomerge(["+search=ties_math", *rows[row], *extra], runs / row_dir(row, trials, limit) / f"s{seed}", zoo, seed)
 
 
 def _load(path: Path) -> dict | None:
@@ -88,11 +98,55 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
+def _items(limit: float | int | None) -> str:
+    """lm-eval's limit: a fraction of each task's search split, or a count of items."""
+    return "all" if limit is None else f"{limit:g} of each task" if limit < 1 else f"{limit:g} per task"
+
+
 def _best_merge(summary: dict) -> dict | None:
     """The searched recipe the final step ranked first on the full search split (the winner unless a
     baseline beat it): what the search found, even where the final choice kept a source model."""
     top = [t for t in summary.get("top", []) if t.get("baseline") is None]
     return max(top, key=lambda t: t.get("search_full_fitness", t["search_fitness"]), default=None)
+
+
+def _best_so_far(run_dir: Path) -> list[float]:
+    """Best first-look search fitness after each finished trial (baselines included: they are where
+    every search starts), from the run's trials.csv."""
+    f = run_dir / "trials.csv"
+    if not f.is_file():
+        return []
+    best, out = float("-inf"), []
+    for t in sorted(csv.DictReader(f.open()), key=lambda t: int(t["number"])):
+        if t["state"] not in ("COMPLETE", "PRUNED"):
+            continue
+        score = t["first_fitness"] or t["fitness"]
+        best = max(best, float(score)) if score else best
+        out.append(best)
+    return out
+
+
+def plot_convergence(curves: dict[str, list[list[float]]], path: Path) -> None:
+    """Which sampler gets there in fewest trials: best-so-far search fitness by trial, one line per
+    seed, each row's mean in bold. Rows at different search-time limits score on different samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (row, runs) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        for c in runs:
+            ax.plot(range(1, len(c) + 1), c, color=color, alpha=0.25, lw=0.8)
+        n = min(len(c) for c in runs)
+        ax.plot(range(1, n + 1), [statistics.mean(c[k] for c in runs) for k in range(n)], color=color, lw=2,
+                label=f"{row} ({len(runs)} seeds)")
+    ax.set(xlabel="trial", ylabel="best search fitness so far", title="Search history, mean over seeds in bold")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def build_table(runs: Path, zoo: str, out: Path) -> str:
@@ -116,11 +170,18 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
     for k, (sf, tf) in sorted(handset.items(), key=lambda kv: -kv[1][1]):
         lines.append(f"| {k} | {sf:.3f} | {tf:.3f} |")
     lines += ["", "## Evolved (TIES, winner re-scored on test; mean ± std over seeds)", "",
-              "| genome-sampler | seeds | trials | winner search | winner test | search − test | winner is a merge "
+              "| genome-sampler | seeds | trials | search items | winner search | winner test | search − test | winner is a merge "
               "| best merge's test | beats best hand-set on test | trial of winner | wall s | merge s/cand | eval s/cand |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     data: dict = {"handset": handset, "search": {}}
-    for row in search_rows(zoo):
+    curves: dict[str, list[list[float]]] = {}
+    order = list(search_rows(zoo))
+    def rank(name: str) -> tuple[int, str]:  # default rows in their usual order, each budget after its row
+        row = re.sub(r"(-t\d+)?(-l[\d.]+)?$", "", name)
+        return (order.index(row) if row in order else len(order), name)
+
+    dirs = sorted((d.name for d in base.iterdir() if d.is_dir() and d.name != "handset"), key=rank) if base.is_dir() else []
+    for row in dirs:
         runs = [s for d in sorted((base / row).glob("s*")) if (s := _load(d))]
         if not runs:
             continue
@@ -134,13 +195,18 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
         per = [r["timings"].get("per_candidate", {}) for r in runs]
         merge = [p.get("merge_s", float("nan")) for p in per]
         ev = [p.get("eval_s", float("nan")) for p in per]
-        lines.append(f"| {row} | {len(runs)} | {runs[0]['trials']['finished']} | {_ms(st)} | {_ms(te)} | "
+        lines.append(f"| {row} | {len(runs)} | {runs[0]['trials']['finished']} | {_items(runs[0]['limit'])} | {_ms(st)} | {_ms(te)} | "
                      f"{_ms([a - b for a, b in zip(st, te)])} | {merged}/{len(runs)} | {_ms(best_merge)} | {wins}/{len(runs)} | {_ms(when)} | "
                      f"{statistics.mean(wall):.0f} | {statistics.median(merge):.3f} | {statistics.median(ev):.3f} |")
+        curves[row] = [c for d in sorted((base / row).glob("s*")) if (d / "summary.json").is_file()
+                       and (c := _best_so_far(d))]
         data["search"][row] = {"search": st, "test": te, "trial_of_winner": when, "wall_s": wall,
                                "best_merge_test": best_merge}
-    lines.append("")
     out.mkdir(parents=True, exist_ok=True)
+    if any(curves.values()):
+        plot_convergence({k: v for k, v in curves.items() if v}, out / f"ties_math_{zoo}.png")
+        lines += ["", f"![search history by row](ties_math_{zoo}.png)"]
+    lines.append("")
     (out / f"ties_math_{zoo}.json").write_text(json.dumps(data, indent=2))
     text = "\n".join(lines)
     md = out / f"ties_math_{zoo}.md"
@@ -159,13 +225,15 @@ def main() -> None:
     ap.add_argument("--sources", type=int, default=None, help="number of source models (default: the zoo's math set)")
     ap.add_argument("--table", action="store_true", help="only rebuild the table")
     ap.add_argument("--trials", type=int, default=None, help="trial budget per search (default: the zoo's)")
+    ap.add_argument("--limit", type=float, default=None,
+                    help="search-time items per task (models.limit; default: the zoo's); the row gets its own directory")
     ap.add_argument("--runs", type=Path, default=None, help="run directories (default: runs/study-<zoo>)")
     ap.add_argument("--out", type=Path, default=ROOT / "results", help="where the table goes")
     args = ap.parse_args()
     runs = args.runs or ROOT / "runs" / f"study-{args.zoo}"
     if args.row and not args.table:
         n = args.sources or {"tiny": 2, "smol": 3}[args.zoo]
-        run_row(runs, args.zoo, args.row, args.seeds, n, args.trials)
+        run_row(runs, args.zoo, args.row, args.seeds, n, args.trials, args.limit)
     print(build_table(runs, args.zoo, args.out))
 
 
