@@ -81,7 +81,9 @@ def make_sampler(cfg: dict[str, Any], seed: int, start: dict[str, Any] | None = 
 
 
 def make_pruner(enabled: bool, keep: float, startup_trials: int) -> optuna.pruners.BasePruner:
-    """After the first look (step 0), keep a trial only if it is in the top ``keep`` percent of first looks so far."""
+    """After the first look (step 0), keep a trial only if it is in the top ``keep`` percent of the first looks
+    of the trials that went on (Optuna's PercentilePruner ranks against COMPLETE trials only). The bar rises
+    as the survivors accumulate, so fewer than ``keep`` percent go on: 39 of 80 in a smol study at 75."""
     if not enabled:
         return optuna.pruners.NopPruner()
     return optuna.pruners.PercentilePruner(keep, n_startup_trials=startup_trials, n_warmup_steps=0)

@@ -38,7 +38,7 @@ class GeneDef:
 class PruningSpec:
     enabled: bool = True
     first_look: float = 0.25      # items per task of the first look: a fraction of the look's items, or a count
-    keep: float = 75.0            # percent of trials (ranked by first look) that go on to the full look
+    keep: float = 75.0            # go on to the full look only from the top `keep` % of the first looks of trials that went on
     startup_trials: int = 5       # completed trials before any pruning
 
 
