@@ -235,8 +235,10 @@ def test_fused_kernel_matches_eager(llama, tmp_path, method, params, glob):
     for name, t in engine.state_dict().items():
         torch.testing.assert_close(t, eager[name], rtol=1e-6, atol=1e-7, msg=name)
     oneshot = _state(merge_to_dir(r, tmp_path / "fused", out_dtype="float32", fused=True, progress=False))
+    live = engine.state_dict()
     for name, t in oneshot.items():
         torch.testing.assert_close(t, eager[name], rtol=1e-6, atol=1e-7, msg=name)
+        assert torch.equal(t, live[name]), name  # written with the engine's kernel: the scored weights, bit for bit
     # a second candidate through the same compiled kernel (no recompile, new values)
     r2 = _recipe(method, base, fts, [{**p, "weight": 0.9 - 0.3 * i} for i, p in enumerate(params)], glob)
     engine.apply(r2)

@@ -341,12 +341,18 @@ def test_sigkill_then_resume_finishes_exactly_the_budget(tiny_zoo, tmp_path):
             if proc.poll() is not None:
                 pytest.fail("the search ended before it could be killed")
             try:
-                study = optuna.load_study(study_name="ties_math-tiny", storage=url)
-                trials = study.get_trials(deepcopy=False)
+                if driver.count_finished(optuna.load_study(study_name="ties_math-tiny", storage=url)) < 3:
+                    continue
             except Exception:  # noqa: BLE001 - not created yet
                 continue
-            if driver.count_finished(study) >= 3 and any(t.state == TrialState.RUNNING for t in trials):
-                break
+            os.kill(proc.pid, signal.SIGSTOP)  # frozen, it cannot finish the trial between our look and the kill
+            try:
+                trials = optuna.load_study(study_name="ties_math-tiny", storage=url).get_trials(deepcopy=False)
+                if any(t.state == TrialState.RUNNING for t in trials):
+                    break
+            except Exception:  # noqa: BLE001 - frozen inside a write: look again later
+                pass
+            os.kill(proc.pid, signal.SIGCONT)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()

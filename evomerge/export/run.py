@@ -59,8 +59,16 @@ def scores_markdown(label: str, rec: dict[str, Any], search_limit: Any) -> str:
 
 
 def export_trial(genome: Any, trial: FrozenTrial, out_dir: Path, *, scores: dict[str, Any] | None, title: str,
-                 search_limit: Any = None, model: bool = True, device: str = "auto", progress: bool = True) -> Path:
-    """``out_dir/recipe.yaml`` and (``model``) ``out_dir/model/`` with a model card stating the scores."""
+                 search_limit: Any = None, model: bool = True, device: str = "auto", progress: bool = True,
+                 fused: bool | str = "auto") -> Path:
+    """``out_dir/recipe.yaml`` and (``model``) ``out_dir/model/`` with a model card stating the scores.
+
+    ``fused``: the kernel of the engine that scored the trial ("auto": the engine's own rule for this
+    device and model size). Why not eager torch, as a one-off merge would use: the compiled kernel may
+    round a multiply-add differently, and in bfloat16 evaluation one bfloat16 step in three of 135M
+    weights moved a smol winner's test score by three items of 1,500. Same kernel, same weights: the
+    card's scores are the model's.
+    """
     from evomerge.engine.oneshot import merge_to_dir
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +81,7 @@ def export_trial(genome: Any, trial: FrozenTrial, out_dir: Path, *, scores: dict
             import shutil
 
             shutil.rmtree(model_dir)
-        merge_to_dir(recipe, model_dir, device=device, progress=progress)
+        merge_to_dir(recipe, model_dir, device=device, progress=progress, fused=fused)
         sections = scores_markdown(title, scores, search_limit) if scores else ""
         (model_dir / "README.md").write_text(model_card(recipe, title=title, sections=sections))
     return out_dir

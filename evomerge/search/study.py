@@ -33,6 +33,7 @@ class SearchSession:
         self.multi_objective = multi_objective
         self.progress = bool(raw.get("progress", True))
         self.timings: dict[str, Any] = {}
+        self.engine: Any = None  # the prepared merge, once a candidate needed it (its kernel choice is the export's)
 
     def _timed(self, key: str, start: float) -> None:
         self.timings[key] = round(time.perf_counter() - start, 3)
@@ -185,9 +186,10 @@ class SearchSession:
 
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.raw["eval_dtype"]]
         recipe = self.genome.recipe(self.genome.baselines()["textbook"])
-        return PreparedMerge(recipe, device=str(self.device), memory=self.raw.get("memory", "auto"),
-                             model_dtype=dtype, progress=self.progress, device_map=self.raw.get("device_map"),
-                             max_memory=self.raw.get("max_memory"))
+        self.engine = PreparedMerge(recipe, device=str(self.device), memory=self.raw.get("memory", "auto"),
+                                    model_dtype=dtype, progress=self.progress, device_map=self.raw.get("device_map"),
+                                    max_memory=self.raw.get("max_memory"))
+        return self.engine
 
     def _outputs(self, study: optuna.Study, final: FinalResult, interrupted: bool) -> dict[str, Any]:
         from evomerge.export.report import write_report
@@ -200,7 +202,7 @@ class SearchSession:
             export_trial(self.genome, by_number[best.number], run_dir / "best", scores=best.as_dict(),
                          title=f"evomerge {self.spec.name}: {best.label}", search_limit=self.spec.limit,
                          model=bool(self.raw["final"].get("export_model", True)), device=str(self.device),
-                         progress=False)
+                         progress=False, fused=self.engine.fused if self.engine is not None else "auto")
         for n in final.front:
             export_trial(self.genome, by_number[n], run_dir / "pareto" / f"trial_{n}", scores=None,
                          title=f"trial {n}", model=False)
