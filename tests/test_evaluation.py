@@ -94,6 +94,21 @@ def test_scores_follow_weights_changed_in_place(tiny_zoo):
     assert set(part) == {"evomerge_add_ll"}  # tasks not named are skipped
 
 
+def test_item_scores_are_per_item_and_average_to_the_task_score(tiny_zoo):
+    from transformers import AutoTokenizer
+
+    tasks = ["evomerge_add_ll", "evomerge_sub_ll"]
+    ev = Evaluator(AutoTokenizer.from_pretrained(tiny_zoo.base), tasks, include_paths=[str(tiny_zoo.task_dir)])
+    model = _load(tiny_zoo.specialists["add"])
+    items = ev.item_scores(model, "test")
+    whole = ev.evaluate(model, "test")
+    for t in tasks:
+        assert len(items[t]) == N_TEST and set(items[t]) <= {0.0, 1.0}
+        assert sum(items[t]) / len(items[t]) == pytest.approx(whole[t]["acc"], abs=1e-12)
+    first = ev.evaluate(model, "test", samples={"evomerge_add_ll": [0, 1, 2, 3]})  # item order is doc order
+    assert sum(items["evomerge_add_ll"][:4]) / 4 == pytest.approx(first["evomerge_add_ll"]["acc"])
+
+
 def test_user_task_directory_and_missing_split(tiny_zoo, tmp_path):
     from transformers import AutoTokenizer
 

@@ -248,6 +248,22 @@ class Evaluator:
         self.last_timing = {"setup_s": t1 - t0, "evaluate_s": t2 - t1}
         return {name: _flatten(res) for name, res in out["results"].items()}
 
+    def item_scores(self, model, split: str = "test", metric: str = "acc") -> dict[str, list[float]]:
+        """task name -> ``metric`` of every item, in item order.
+
+        Why: two merges scored on the same items are compared by their per-item differences (a paired
+        test), whose noise is a fraction of two independent samples' when the models mostly agree.
+        """
+        from lm_eval.evaluator import evaluate
+
+        lm = self.lm(model)
+        model.eval()
+        with no_request_bars():
+            out = evaluate(lm=lm, task_dict=self.task_dict(split), bootstrap_iters=0, log_samples=True,
+                           cache_requests=False)
+        return {t: [float(s[metric]) for s in sorted(rows, key=lambda s: s["doc_id"])]
+                for t, rows in out["samples"].items()}
+
 
 def _reuse_requests(task: Any) -> None:
     """Build a task's lm-eval requests once per (limit, samples) and hand the same ones back after.
