@@ -65,9 +65,10 @@ def evomerge(overrides: list[str], out: Path, zoo: str, seed: int) -> None:
     print(f"  done in {time.perf_counter() - start:.0f}s", flush=True)
 
 
-def row_dir(row: str, trials: int | None, limit: float | None) -> str:
+def row_dir(zoo: str, row: str, trials: int | None, limit: float | None) -> str:
     """A row run at a non-default budget gets a directory of its own, so its table line stands beside the
     default one instead of resuming (and mixing with) it: layers-cmaes-t80-l0.5."""
+    trials = None if trials == ZOOS[zoo]["trials"] else trials
     return row + (f"-t{trials}" if trials else "") + (f"-l{limit:g}" if limit else "")
 
 
@@ -82,7 +83,7 @@ def run_row(runs: Path, zoo: str, row: str, seeds: list[int], n_sources: int, tr
         raise SystemExit(f"unknown row {row!r}; rows: handset, {', '.join(rows)}")
     extra = [f"models.limit={limit}"] if limit else []
     for seed in seeds:
-        evomerge(["+search=ties_math", *rows[row], *extra], runs / row_dir(row, trials, limit) / f"s{seed}", zoo, seed)
+        evomerge(["+search=ties_math", *rows[row], *extra], runs / row_dir(zoo, row, trials, limit) / f"s{seed}", zoo, seed)
 
 
 def _load(path: Path) -> dict | None:

@@ -30,11 +30,11 @@ def test_tiny_study_rows_and_table(tiny_zoo, tmp_path):
     data = json.loads((out / "ties_math_tiny.json").read_text())
     assert {"alone:add", "alone:sub", "ties (textbook)", "dare_ties (textbook)", "task_arithmetic (textbook)",
             "uniform average"} <= set(data["handset"])
-    assert len(data["search"]["global-cmaes"]["test"]) == 1
+    assert len(data["search"]["global-cmaes-t12"]["test"]) == 1  # a non-default budget: a row of its own
     table = (out / "ties_math_tiny.md").read_text()
-    assert "| global-cmaes | 1 | 12 |" in table and "| ties (textbook) |" in table
+    assert "| global-cmaes-t12 | 1 | 12 |" in table and "| ties (textbook) |" in table
 
-    summary = json.loads((runs / "global-cmaes" / "s0" / "summary.json").read_text())
+    summary = json.loads((runs / "global-cmaes-t12" / "s0" / "summary.json").read_text())
     best, baselines = summary["best"], summary["baselines"].values()
 
     def selection(c: dict) -> float:  # what the winner rule compares: every search item when re-scored
