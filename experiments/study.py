@@ -112,8 +112,9 @@ def _best_merge(summary: dict) -> dict | None:
 
 
 def _best_so_far(run_dir: Path) -> list[float]:
-    """Best first-look search fitness after each finished trial (baselines included: they are where
-    every search starts), from the run's trials.csv."""
+    """Best search fitness after each finished trial (baselines included: they are where every search
+    starts), from the run's trials.csv. Completed trials only: a pruned trial's score is a first look on
+    a quarter of the items, too noisy to stand beside whole looks (it would draw the curve up by luck)."""
     f = run_dir / "trials.csv"
     if not f.is_file():
         return []
@@ -121,8 +122,8 @@ def _best_so_far(run_dir: Path) -> list[float]:
     for t in sorted(csv.DictReader(f.open()), key=lambda t: int(t["number"])):
         if t["state"] not in ("COMPLETE", "PRUNED"):
             continue
-        score = t["first_fitness"] or t["fitness"]
-        best = max(best, float(score)) if score else best
+        if t["state"] == "COMPLETE" and t["fitness"]:
+            best = max(best, float(t["fitness"]))
         out.append(best)
     return out
 
