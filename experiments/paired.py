@@ -30,8 +30,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def sign_test_p(wins: int, losses: int) -> float:
     """Two-sided exact binomial p-value of ``wins`` against ``losses`` at even odds."""
@@ -60,10 +58,11 @@ def paired(a: dict[str, list[float]], b: dict[str, list[float]]) -> dict[str, fl
 def score_run(run: Path, tasks: list[str], include: str, dtype: str) -> tuple[dict[str, list[float]], float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from evomerge.checkpoints import parse_dtype
     from evomerge.evaluation import Evaluator
 
     model_dir = run / "best" / "model"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=parse_dtype(dtype, f"{run}/.hydra/config.yaml: eval_dtype"))
     ev = Evaluator(AutoTokenizer.from_pretrained(model_dir), tasks, include_paths=[include])
     items = ev.item_scores(model, "test")
     return items, sum(statistics.mean(items[t]) for t in tasks) / len(tasks)

@@ -178,13 +178,15 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
     data: dict = {"handset": handset, "search": {}}
     curves: dict[str, list[list[float]]] = {}
     order = list(search_rows(zoo))
+
     def rank(name: str) -> tuple[int, str]:  # default rows in their usual order, each budget after its row
         row = re.sub(r"(-t\d+)?(-l[\d.]+)?$", "", name)
         return (order.index(row) if row in order else len(order), name)
 
     dirs = sorted((d.name for d in base.iterdir() if d.is_dir() and d.name != "handset"), key=rank) if base.is_dir() else []
     for row in dirs:
-        runs = [s for d in sorted((base / row).glob("s*")) if (s := _load(d))]
+        done = [d for d in sorted((base / row).glob("s*")) if (d / "summary.json").is_file()]
+        runs = [_load(d) for d in done]
         if not runs:
             continue
         st = [r["best"]["search_fitness"] for r in runs]
@@ -200,8 +202,7 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
         lines.append(f"| {row} | {len(runs)} | {runs[0]['trials']['finished']} | {_items(runs[0]['limit'])} | {_ms(st)} | {_ms(te)} | "
                      f"{_ms([a - b for a, b in zip(st, te)])} | {merged}/{len(runs)} | {_ms(best_merge)} | {wins}/{len(runs)} | {_ms(when)} | "
                      f"{statistics.mean(wall):.0f} | {statistics.median(merge):.3f} | {statistics.median(ev):.3f} |")
-        curves[row] = [c for d in sorted((base / row).glob("s*")) if (d / "summary.json").is_file()
-                       and (c := _best_so_far(d))]
+        curves[row] = [c for d in done if (c := _best_so_far(d))]
         data["search"][row] = {"search": st, "test": te, "trial_of_winner": when, "wall_s": wall,
                                "best_merge_test": best_merge}
     out.mkdir(parents=True, exist_ok=True)

@@ -180,11 +180,10 @@ class SearchSession:
         return ScoreCache(root, context, self.models.task_dirs)
 
     def _engine(self) -> Any:
-        import torch
-
+        from evomerge.checkpoints import parse_dtype
         from evomerge.engine.prepared import PreparedMerge
 
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.raw["eval_dtype"]]
+        dtype = parse_dtype(self.raw["eval_dtype"], "eval_dtype")  # checked at start-up (app.py)
         recipe = self.genome.recipe(self.genome.baselines()["textbook"])
         self.engine = PreparedMerge(recipe, device=str(self.device), memory=self.raw.get("memory", "auto"),
                                     model_dtype=dtype, progress=self.progress, device_map=self.raw.get("device_map"),
