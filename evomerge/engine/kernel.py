@@ -111,7 +111,7 @@ def choose_fused(plan: MergePlan, device: torch.device, fused: bool | str, input
     ``auto``: where the method has one and the inputs are large enough (or on a GPU) to repay the
     compile (~20 s the first time on a CPU, seconds once torch's on-disk cache holds it).
     """
-    ok = plan.method.needs_base and fused_kernels.fusable(plan.method)
+    ok = fused_kernels.fusable(plan.method)
     if fused == "auto":
         return ok and (device.type == "cuda" or input_bytes > FUSE_ABOVE_BYTES)
     if fused and not ok:

@@ -162,8 +162,8 @@ class PreparedMerge:
         m = self.plan.method
         draws = random_aux(self.plan, job, self.recipe.seed, inputs[0].shape, dev) if m.uses_uniforms else None
         if m.uses_sorted_abs or m.uses_uniforms or m.aux_extras:
-            res.aux = [prepare_aux(m, d, uniforms=None if draws is None else draws[i].uniforms, gpu=where.type == "cuda")
-                       for i, d in enumerate(inputs)]
+            res.aux = [prepare_aux(m, d, base=base, uniforms=None if draws is None else draws[i].uniforms,
+                                   gpu=where.type == "cuda") for i, d in enumerate(inputs)]
             if draws is not None:
                 res.uniforms[self.recipe.seed] = [a.uniforms for a in res.aux]  # type: ignore[misc]
                 res.l1_below_u[self.recipe.seed] = [_on_host(a.extra.pop("l1_below_u", None)) for a in res.aux]

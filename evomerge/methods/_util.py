@@ -53,6 +53,20 @@ def need_base(inputs: MergeInputs, method: str) -> torch.Tensor:
     return inputs.base
 
 
+def lincomb(base: torch.Tensor | None, xs: list[torch.Tensor], a: float | None, cs: list[float]) -> torch.Tensor:
+    """``a * base + sum(c_i * x_i)`` (``a`` None: no base term), in a new tensor."""
+    if a is None:
+        out = torch.mul(xs[0], cs[0])
+        rest = zip(xs[1:], cs[1:])
+    else:
+        assert base is not None
+        out = torch.mul(base, a)
+        rest = zip(xs, cs)
+    for x, c in rest:
+        out.add_(x, alpha=c)
+    return out
+
+
 def flat_dot(a: torch.Tensor, b: torch.Tensor) -> float:
     """<a, b> over the flattened tensors.
 

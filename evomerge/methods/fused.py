@@ -1,4 +1,4 @@
-"""One-pass kernels for the task-arithmetic family, for the prepared engine's hot loop.
+"""One-pass kernels for the task-arithmetic family (and linear combinations), for the prepared engine's hot loop.
 
 The eager implementation (:mod:`evomerge.methods.task_arithmetic`) runs a dozen
 elementwise passes per tensor; a candidate is memory-bound, so each pass costs a
@@ -11,6 +11,10 @@ Per-model scalars (threshold, band, mask density, weight, rescale factor) are
 computed on the host from the same rules and the same precomputed aux as the
 eager path and passed as tensors, so changing a candidate's parameters never
 recompiles. Sizes are dynamic: one compiled kernel serves every tensor shape.
+
+Methods whose result is a linear combination of their inputs with per-candidate
+scalars (``MergeMethod.coefficients``: linear, SLERP) get a second, simpler kernel:
+``a * base + sum(c_i * x_i)`` in one pass.
 
 Results equal the eager path up to float32 rounding (the compiler may contract
 a multiply-add); tests hold the two within 1e-6 relative.
@@ -81,6 +85,17 @@ def _gta(base: torch.Tensor, deltas: list[torch.Tensor], uniforms: list[torch.Te
     return merged.sum() if reduce else None
 
 
+def _lincomb(base: torch.Tensor | None, xs: list[torch.Tensor], scalars: torch.Tensor, out: torch.Tensor,
+             reduce: bool) -> torch.Tensor | None:
+    # scalars = [a, c_0, c_1, ...]; without a base the sum starts at the first term
+    acc = None if base is None else base * scalars[0]
+    for i, x in enumerate(xs):
+        term = x * scalars[i + 1]
+        acc = term if acc is None else acc + term
+    out.copy_(acc)
+    return acc.sum() if reduce else None
+
+
 def _kept_l1(d: torch.Tensor, u: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return (d.abs() * _mask(d, u, lo, hi, p)).sum()
 
@@ -95,7 +110,20 @@ def _kernel(name: str, fn: Callable) -> Callable:
 
 
 def fusable(method: MergeMethod) -> bool:
-    return method.name in FUSABLE
+    return method.name in FUSABLE or method.coefficients is not None
+
+
+def _merge_lincomb(method: MergeMethod, inputs: MergeInputs, out: torch.Tensor) -> torch.Tensor:
+    assert method.coefficients is not None
+    a, cs = method.coefficients(inputs)
+    base = None if a is None else inputs.base.reshape(-1)  # type: ignore[union-attr]
+    xs = [x.reshape(-1) for x in (inputs.deltas if inputs.has_deltas else inputs.models)]
+    flat = out.view(-1)
+    dev = flat.device
+    scalars = _to_device([0.0 if a is None else a, *cs], dev)
+    reduce = dev.type == "cpu"
+    checksum = _kernel("lincomb", _lincomb)(base, xs, scalars, flat, reduce)
+    return checksum if reduce else out.sum()
 
 
 def merge_into(method: MergeMethod, inputs: MergeInputs, out: torch.Tensor) -> torch.Tensor:
@@ -107,6 +135,8 @@ def merge_into(method: MergeMethod, inputs: MergeInputs, out: torch.Tensor) -> t
     from evomerge.methods._util import gparam, mparam  # noqa: PLC0415 (avoid a cycle at import)
     from evomerge.methods import task_arithmetic as ta  # noqa: PLC0415
 
+    if method.name not in FUSABLE:
+        return _merge_lincomb(method, inputs, out)
     sparsification, consensus = FUSABLE[method.name]
     assert inputs.base is not None
     # Flat views: every tensor is 1-D for the compiled kernel, so one graph serves all shapes and ranks

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.methods._util import check_count, gparam, merge_error, mparam
+from evomerge.methods._util import check_count, gparam, lincomb, merge_error, mparam
 from evomerge.methods.base import MergeInputs, MergeMethod, ParamDef, register
 
 WEIGHT = ParamDef("weight")
 NORMALIZE = ParamDef("normalize", True, kind=bool)
 
 
-def linear_merge(inputs: MergeInputs) -> torch.Tensor:
+def linear_coefficients(inputs: MergeInputs) -> tuple[float | None, list[float]]:
+    """``w_i / sum(w)`` (or ``w_i`` without normalize) per model; no base term."""
     n = check_count(inputs, "linear", 1, None)
     weights = [float(mparam(inputs, i, WEIGHT)) for i in range(n)]
     normalize = bool(gparam(inputs, NORMALIZE))
@@ -27,22 +28,16 @@ def linear_merge(inputs: MergeInputs) -> torch.Tensor:
             f"the linear weights {weights} sum to {total:g}, so normalize: true would divide by zero; "
             f"change the weights or set normalize: false.",
         )
-    if inputs.has_deltas and inputs.base is not None:
-        # sum(w_i (b + d_i)) = W*b + sum(w_i d_i): no model is rebuilt from its delta
-        out = torch.mul(inputs.deltas[0], weights[0])
-        for w, d in zip(weights[1:], inputs.deltas[1:]):
-            out.add_(d, alpha=w)
-        if normalize:
-            return out.div_(total).add_(inputs.base)
-        return out.add_(inputs.base, alpha=total)
-    out = torch.mul(inputs.models[0], weights[0])
-    for w, m in zip(weights[1:], inputs.models[1:]):
-        out.add_(m, alpha=w)
-    return out.div_(total) if normalize else out
+    return None, ([w / total for w in weights] if normalize else weights)
+
+
+def linear_merge(inputs: MergeInputs) -> torch.Tensor:
+    _, cs = linear_coefficients(inputs)
+    return lincomb(None, inputs.models, None, cs)
 
 
 register(MergeMethod(
     name="linear", merge=linear_merge, needs_base=False,
-    model_params=(WEIGHT,), global_params=(NORMALIZE,),
+    model_params=(WEIGHT,), global_params=(NORMALIZE,), coefficients=linear_coefficients,
     doc="Weighted average of the models (https://arxiv.org/abs/2203.05482).",
 ))

@@ -28,8 +28,9 @@ rule instead: divide each kept entry by its keep probability (DARE's
 Candidate-independent precomputation (:func:`prepare_aux`), read when present:
 ``sorted_abs`` (magnitude rules), ``uniforms`` (random rules), and in
 ``aux.extra``: ``"abs_sum"`` (L1 norm of the delta, for L1 rescale),
-``"della_rank"`` (each entry's magnitude rank in its row, scaled to [0, 1]) and
-``"l1_below_u"`` (DARE: the L1 norm of the entries kept at each grid density).
+``"della_rank"`` (each entry's magnitude rank in its row, scaled to [0, 1]),
+``"l1_below_u"`` (DARE: the L1 norm of the entries kept at each grid density) and ``"cosine"`` (SLERP:
+the angle between base and model, which ``t`` does not change).
 
 Why DARE's density sits on a grid of ``1/U_GRID`` (2^-16, i.e. it moves by at most
 7.6e-6): the L1 rescale needs the kept entries' L1 norm, a second full pass over the
@@ -273,9 +274,10 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, uniforms
 
 
 # ---- precomputation for the prepared engine --------------------------------------
-def prepare_aux(method: MergeMethod, delta: torch.Tensor, *, uniforms: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, gpu: bool = False) -> SparsifyAux:
-    """Everything ``method`` can reuse across candidates for one model's delta.
+def prepare_aux(method: MergeMethod, delta: torch.Tensor, *, base: torch.Tensor | None = None,
+                uniforms: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                gpu: bool = False) -> SparsifyAux:
+    """Everything ``method`` can reuse across candidates for one model's delta (over ``base``).
 
     Uniforms are taken as given, else drawn with ``torch.rand(delta.shape,
     generator=generator)``; call this model by model in recipe order to reproduce
@@ -295,6 +297,12 @@ def prepare_aux(method: MergeMethod, delta: torch.Tensor, *, uniforms: torch.Ten
             table = None if aux.uniforms is None else l1_table(delta, aux.uniforms, gpu=gpu)
             if table is not None:
                 aux.extra[key] = table
+        elif key == "cosine":  # SLERP's angle between the base and the model
+            from evomerge.methods.slerp import cosine  # noqa: PLC0415 (slerp is not a sparsifier)
+
+            if base is None:
+                raise ValueError("the 'cosine' aux needs the base tensor")
+            aux.extra[key] = cosine(base, base + delta)
         else:
             raise ValueError(f"unknown aux extra {key!r}")
     return aux
