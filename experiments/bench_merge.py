@@ -9,7 +9,9 @@ fine-tunes measure the same thing as real ones.
     python experiments/bench_merge.py --mergekit-python /tmp/mkvenv/bin/python
     python experiments/bench_merge.py --device cuda --shape smol-1.7b --dtype bfloat16 --name bench_merge_gpu_1.7b
 
-writes results/<name>.json, results/<name>.md and results/<name>.png (name: bench_merge).
+writes results/<name>.json, results/<name>.md and results/<name>.png (name: bench_merge); a hand-written
+notes section below the ``<!-- notes ... -->`` marker in the .md survives a rerun. "Bytes touched" by a
+candidate: every input it reads (base, task vectors or models, and DARE/DELLA's stored draws) and its output.
 mergekit is a reference, never a dependency: install it in its own venv
 (``python -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install torch==2.13.0 mergekit``).
 """
@@ -101,39 +103,51 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def bench_oneshot(work: Path, base: Path, fts: list[Path], mergekit_python: str | None, device: str, dtype: str) -> dict:
+def bench_oneshot(work: Path, base: Path, fts: list[Path], mergekit_python: str | None, device: str, dtype: str,
+                  reps: int) -> dict:
+    """Whole-process merges, evomerge and mergekit in turn ``reps`` times (medians): on a shared
+    machine one run each can land on a slow and a fast minute."""
     out: dict = {}
     for name in ("ties", "dare_ties", "linear"):
         recipe = work / f"{name}.yaml"
         recipe.write_text(recipe_yaml(name, base, fts, dtype))
-        row = {"evomerge": timed([sys.executable, "-m", "evomerge.engine.cli", str(recipe), str(work / f"evo_{name}"),
-                                  "--device", device, "--no-progress"])}
-        if mergekit_python:
-            mk = Path(mergekit_python).parent / "mergekit-yaml"
-            row["mergekit"] = timed([str(mk), str(recipe), str(work / f"mk_{name}"), "--copy-tokenizer"])
+        runs: dict[str, list[float]] = {"evomerge": [], "mergekit": []}
+        for _ in range(reps):
+            runs["evomerge"].append(timed([sys.executable, "-m", "evomerge.engine.cli", str(recipe),
+                                           str(work / f"evo_{name}"), "--device", device, "--no-progress"]))
+            if mergekit_python:
+                mk = Path(mergekit_python).parent / "mergekit-yaml"
+                runs["mergekit"].append(timed([str(mk), str(recipe), str(work / f"mk_{name}"), "--copy-tokenizer"]))
+            for d in work.glob(f"*_{name}"):
+                shutil.rmtree(d, ignore_errors=True)
+        row = {tool: statistics.median(ts) for tool, ts in runs.items() if ts}
+        row["all_s"] = runs
         out[name] = row
         print(f"one-shot {name}: {row}", flush=True)
-        for d in work.glob(f"*_{name}"):
-            shutil.rmtree(d, ignore_errors=True)
     return out
 
 
-def copy_seconds(nbytes_read: int, nbytes_written: int, device: str, reps: int = 5) -> float:
-    """A plain copy of the same bytes: the physical floor for a candidate on this device."""
-    n = nbytes_written // 4
-    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ratio = (nbytes_read + nbytes_written) / (2 * nbytes_written)  # a copy touches 2 bytes per byte written
-    times = []
-    for _ in range(reps + 1):
-        if device != "cpu":
+class CopyFloor:
+    """A plain copy of the same bytes: the physical floor for a candidate on this device.
+
+    Timed right before each candidate (``seconds()``), so that a candidate and its floor share the
+    moment's memory bandwidth: on a shared machine that bandwidth drifts by 2x within minutes."""
+
+    def __init__(self, nbytes_read: int, nbytes_written: int, device: str) -> None:
+        self.device = device
+        self.src = torch.empty(nbytes_written // 4, dtype=torch.float32, device=device).uniform_()
+        self.dst = torch.empty_like(self.src)
+        self.ratio = (nbytes_read + nbytes_written) / (2 * nbytes_written)  # a copy touches 2 bytes per byte written
+        self.seconds()  # first touch of dst's pages
+
+    def seconds(self) -> float:
+        if self.device != "cpu":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        dst.copy_(src)
-        if device != "cpu":
+        self.dst.copy_(self.src)
+        if self.device != "cpu":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]) * ratio
+        return (time.perf_counter() - start) * self.ratio
 
 
 def host_syncs(engine, recipe) -> dict:
@@ -167,15 +181,23 @@ def bench_prepared(base: Path, fts: list[Path], reps: int, device: str, methods:
         start = time.perf_counter()
         engine = PreparedMerge(recipe, device=device, memory="device", progress=False)
         prep = time.perf_counter() - start
-        times = [engine.apply(recipe).seconds for _ in range(reps)]
-        syncs = host_syncs(engine, recipe) if device != "cpu" else None
-        n_in = len(engine.plan.jobs[0].models) + (1 if engine.plan.method.needs_base else 0)
+        m = engine.plan.method
+        n_in = len(engine.plan.jobs[0].models) + (1 if m.needs_base else 0)
+        n_in += len(engine.plan.jobs[0].models) if m.uses_uniforms else 0  # DARE/DELLA also read their draws
         numel = sum(p.numel() for p in engine.state_dict().values())
         read, written = numel * 4 * n_in, numel * 4
-        floor = copy_seconds(read, written, device)
+        copy = CopyFloor(read, written, device)
+        floors, times = [], []
+        for _ in range(reps):  # floor and candidate in turn: each pair sees the same bandwidth
+            floors.append(copy.seconds())
+            times.append(engine.apply(recipe).seconds)
+        del copy
+        syncs = host_syncs(engine, recipe) if device != "cpu" else None
         med = statistics.median(times)
         out[name] = {"prepare_s": prep, "candidate_s": med, "all_s": times, "bytes": read + written,
-                     "GBps": (read + written) / med / 1e9, "copy_floor_s": floor, "fraction_of_copy_bw": floor / med,
+                     "GBps": (read + written) / med / 1e9, "copy_floor_s": statistics.median(floors),
+                     "all_floor_s": floors,
+                     "fraction_of_copy_bw": statistics.median(f / t for f, t in zip(floors, times)),
                      "tensors": len(engine.state_dict()), **({"host_syncs": syncs} if syncs else {})}
         print(f"prepared {name}: {out[name]['candidate_s']:.3f}s/candidate "
               f"({out[name]['GBps']:.1f} GB/s, {out[name]['fraction_of_copy_bw']:.0%} of copy)"
@@ -200,18 +222,19 @@ def write_results(res: dict, out_dir: Path, name: str) -> None:
     ax.bar(names, [prep[n]["candidate_s"] for n in names], label="prepared engine, per candidate")
     ax.bar(names, [prep[n]["copy_floor_s"] for n in names], alpha=0.6, label="plain copy of the same bytes")
     ax.set_ylabel("seconds")
+    ax.tick_params(axis="x", labelrotation=20)
     ax.set_title(f"Time per candidate, {res['shape']} shape, 3 fine-tunes ({res['machine']['device']})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / f"{name}.png", dpi=120)
     lines = ["# Merge engine benchmark", "", f"Machine: {res['machine']}", "",
-             f"Command: `{res['command']}`", "", "## One-shot merge, whole process (seconds)", "",
+             f"Command: `{res['command']}`", "", "## One-shot merge, whole process (seconds; median of runs made in turn)", "",
              "| recipe | evomerge-merge | mergekit-yaml | speed-up |", "|---|---|---|---|"]
     for n, row in one.items():
         mk = row.get("mergekit")
         lines.append(f"| {n} | {row['evomerge']:.1f} | {mk:.1f} | {mk / row['evomerge']:.1f}x |" if mk else
                      f"| {n} | {row['evomerge']:.1f} | n/a | |")
-    lines += ["", "## Prepared engine, per candidate", "",
+    lines += ["", "## Prepared engine, per candidate (median; the copy floor is timed before each candidate)", "",
               "| method | s / candidate | vs mergekit one-shot | GB/s touched | copy floor (s) | fraction of copy bandwidth "
               "| host syncs / candidate |",
               "|---|---|---|---|---|---|---|"]
@@ -221,15 +244,18 @@ def write_results(res: dict, out_dir: Path, name: str) -> None:
         lines.append(f"| {n} | {row['candidate_s']:.3f} | {vs} | {row['GBps']:.1f} | {row['copy_floor_s']:.3f} | "
                      f"{row['fraction_of_copy_bw']:.0%} | {row.get('host_syncs', {}).get('count', '')} |")
     lines += ["", f"![time per candidate]({name}.png)", ""]
-    (out_dir / f"{name}.md").write_text("\n".join(lines))
+    from experiments.study import write_keeping_notes  # noqa: PLC0415 (ROOT is on sys.path by now)
+
+    write_keeping_notes(out_dir / f"{name}.md", "\n".join(lines))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="/tmp/evomerge-bench")
     ap.add_argument("--mergekit-python", default=None, help="python of a venv with mergekit installed")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--skip-oneshot", action="store_true")
+    ap.add_argument("--oneshot-reps", type=int, default=3, help="whole-process merges per tool and recipe")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--shape", default="smol-135m", choices=sorted(SHAPES))
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype of the inputs")
@@ -250,7 +276,8 @@ def main() -> None:
         "machine": {"device": name, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "torch": torch.__version__,
                     "load_average_at_start": os.getloadavg()[0]},
-        "oneshot": {} if args.skip_oneshot else bench_oneshot(work, base, fts, args.mergekit_python, device, args.dtype),
+        "oneshot": {} if args.skip_oneshot else bench_oneshot(work, base, fts, args.mergekit_python, device, args.dtype,
+                                                                  args.oneshot_reps),
         "prepared": bench_prepared(base, fts, args.reps, device, args.methods.split(",")),
     }
     write_results(res, Path(args.out), args.name)

@@ -211,10 +211,13 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
         lines += ["", f"![search history by row](ties_math_{zoo}.png)"]
     lines.append("")
     (out / f"ties_math_{zoo}.json").write_text(json.dumps(data, indent=2))
-    text = "\n".join(lines)
-    md = out / f"ties_math_{zoo}.md"
+    return write_keeping_notes(out / f"ties_math_{zoo}.md", "\n".join(lines))
+
+
+def write_keeping_notes(md: Path, text: str) -> str:
+    """Write a generated results page; the hand-written analysis below the NOTES marker survives a rebuild."""
     old = md.read_text() if md.is_file() else ""
-    if NOTES in old:  # the hand-written analysis below the marker survives a rebuild
+    if NOTES in old:
         text += "\n" + old[old.index(NOTES):]
     md.write_text(text)
     return text

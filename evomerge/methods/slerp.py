@@ -34,17 +34,13 @@ def cosine(v0: torch.Tensor, v1: torch.Tensor) -> float:
 
 
 def slerp_coefficients(t: float, dot: float) -> tuple[float, float]:
-    """``(c0, c1)`` with ``slerp(t, v0, v1) = c0 * v0 + c1 * v1``, for ``dot = cosine(v0, v1)``."""
+    """``(c0, c1)`` with ``slerp(t, v0, v1) = c0 * v0 + c1 * v1``, for ``dot = cosine(v0, v1)``; nearly
+    (anti)parallel pairs get the lerp's ``(1 - t, t)``."""
     if abs(dot) > DOT_THRESHOLD:
         return 1.0 - t, t
     theta = math.acos(dot)
     s = math.sin(theta)
     return math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
-
-
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    c0, c1 = slerp_coefficients(t, cosine(v0, v1))
-    return torch.mul(v0, c0).add_(v1, alpha=c1)
 
 
 def _coefficients(inputs: MergeInputs) -> tuple[float | None, list[float]]:
