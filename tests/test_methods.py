@@ -736,6 +736,28 @@ def test_unsparsified_deltas_are_read_not_written(name):
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("given", ["models", "deltas"])
+def test_fused_linear_combinations_match_eager(given):
+    """linear and SLERP through the one-pass kernel give the eager result, whether the caller hands in
+    the models or the task vectors (the engine gives SLERP task vectors, a one-shot merge the models)."""
+    from evomerge.methods import fused
+
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(40, 30, generator=g)
+    models = [base + 0.1 * torch.randn(40, 30, generator=g) for _ in range(3)]
+    for name, mps, gp, ms in (("linear", [{"weight": 0.5}, {"weight": 0.3}, {"weight": -0.2}], {}, models),
+                              ("slerp", [{}], {"t": 0.3}, models[:1])):
+        m, p = resolve(name, mps, gp)
+        kw = {"models": ms} if given == "models" else {"deltas": [x - base for x in ms]}
+        inputs = MergeInputs(base=base, model_params=m, params=p, tensor_name="t", **kw)
+        eager = get_method(name).merge(inputs)
+        out = torch.empty_like(base)
+        fused.merge_into(get_method(name), inputs, out)
+        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6, msg=name)
+        want = ref_slerp(0.3, base, ms[0]) if name == "slerp" else (0.5 * ms[0] + 0.3 * ms[1] - 0.2 * ms[2]) / 0.6
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_dare_kept_l1_table_matches_the_direct_sum():
     """DARE's density grid: the prepared kept-L1 table gives what summing the kept entries gives,
     in the eager method and in the fused kernel."""

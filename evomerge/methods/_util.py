@@ -53,7 +53,7 @@ def need_base(inputs: MergeInputs, method: str) -> torch.Tensor:
     return inputs.base
 
 
-def lincomb(base: torch.Tensor | None, xs: list[torch.Tensor], a: float | None, cs: list[float]) -> torch.Tensor:
+def lincomb(base: torch.Tensor | None, a: float | None, cs: list[float], xs: list[torch.Tensor]) -> torch.Tensor:
     """``a * base + sum(c_i * x_i)`` (``a`` None: no base term), in a new tensor."""
     if a is None:
         out = torch.mul(xs[0], cs[0])

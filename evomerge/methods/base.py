@@ -166,11 +166,11 @@ class MergeMethod:
     aux_extras: tuple[str, ...] = ()
     # a base_model, when the recipe names one, is merged as one more input (mergekit's karcher)
     base_is_input: bool = False
-    # for a method whose result is ``a * base + sum(c_i * x_i)`` (x: the task vectors when the engine hands
-    # them in, else the models) with scalars that depend on the candidate only: returns ``(a, [c_i])``
-    # (``a`` None: the base is not a term). The method computes through it, and the fused kernel writes
-    # that sum in one pass (evomerge.methods.fused)
-    coefficients: Callable[["MergeInputs"], tuple[float | None, list[float]]] | None = None
+    # for a method whose result is ``a * base + sum(c_i * x_i)`` with scalars that depend on the candidate
+    # only: returns ``(a, [c_i], [x_i])``, the x_i being the models or the task vectors, as the method
+    # chooses (``a`` None: the base is not a term). The method computes through it, and the fused kernel
+    # writes that sum in one pass (evomerge.methods.fused)
+    coefficients: Callable[["MergeInputs"], tuple[float | None, list[float], list[torch.Tensor]]] | None = None
     doc: str = ""
 
     def model_param(self, name: str) -> ParamDef | None:

@@ -79,10 +79,7 @@ def _gta(base: torch.Tensor, deltas: list[torch.Tensor], uniforms: list[torch.Te
             mixed = mixed / total_weight
     merged = base + mixed * lam
     out.copy_(merged)
-    # The NaN/inf check, accumulated in the same loop instead of another read of ``out`` (on a CPU). On a
-    # GPU the compiler schedules a reduction in a dynamic-shape kernel from the first call's sizes; torch's
-    # own sum kernel is tuned for every size, so there the caller sums ``out`` (one more read of it).
-    return merged.sum() if reduce else None
+    return merged.sum() if reduce else None  # the NaN/inf check, in the same loop on a CPU (see _launch)
 
 
 def _lincomb(base: torch.Tensor | None, xs: list[torch.Tensor], scalars: torch.Tensor, out: torch.Tensor,
@@ -115,14 +112,21 @@ def fusable(method: MergeMethod) -> bool:
 
 def _merge_lincomb(method: MergeMethod, inputs: MergeInputs, out: torch.Tensor) -> torch.Tensor:
     assert method.coefficients is not None
-    a, cs = method.coefficients(inputs)
+    a, cs, xs = method.coefficients(inputs)
     base = None if a is None else inputs.base.reshape(-1)  # type: ignore[union-attr]
-    xs = [x.reshape(-1) for x in (inputs.deltas if inputs.has_deltas else inputs.models)]
     flat = out.view(-1)
-    dev = flat.device
-    scalars = _to_device([0.0 if a is None else a, *cs], dev)
-    reduce = dev.type == "cpu"
-    checksum = _kernel("lincomb", _lincomb)(base, xs, scalars, flat, reduce)
+    scalars = _to_device([0.0 if a is None else a, *cs], flat.device)
+    return _launch("lincomb", _lincomb, flat, base, [x.reshape(-1) for x in xs], scalars, flat)
+
+
+def _launch(name: str, fn: Callable, out: torch.Tensor, *args) -> torch.Tensor:
+    """Run compiled kernel ``fn(*args, reduce)`` writing ``out``; returns the sum of what it wrote.
+
+    On a CPU the kernel sums in its own loop (no second read of ``out``). On a GPU the compiler
+    schedules a reduction in a dynamic-shape kernel from the first call's sizes; torch's own sum
+    kernel is tuned for every size, so there ``out`` is summed after the kernel."""
+    reduce = out.device.type == "cpu"
+    checksum = _kernel(name, fn)(*args, reduce)
     return checksum if reduce else out.sum()
 
 
@@ -182,12 +186,9 @@ def merge_into(method: MergeMethod, inputs: MergeInputs, out: torch.Tensor) -> t
             scale = _rescale(rescale_norm, d, density, aux, l, h, q, None if uniforms is None else uniforms[-1])
         lo.append(l), hi.append(h), p.append(q), coef.append(w * scale), weight.append(w)
     total = sum(weight)
-    dev = base.device
     scalars = _to_device([*lo, *hi, *p, *coef, *weight, total if abs(total) >= 1e-8 else 1.0,
-                          float(gparam(inputs, ta.LAMBDA))], dev)
-    reduce = dev.type == "cpu"
-    checksum = _kernel("gta", _gta)(base, deltas, uniforms, scalars, out, consensus, normalize, reduce)
-    return checksum if reduce else out.sum()
+                          float(gparam(inputs, ta.LAMBDA))], base.device)
+    return _launch("gta", _gta, out, base, deltas, uniforms, scalars, out, consensus, normalize)
 
 
 def _to_device(values: list[float], dev: torch.device) -> torch.Tensor:

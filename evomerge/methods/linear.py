@@ -16,7 +16,7 @@ WEIGHT = ParamDef("weight")
 NORMALIZE = ParamDef("normalize", True, kind=bool)
 
 
-def linear_coefficients(inputs: MergeInputs) -> tuple[float | None, list[float]]:
+def linear_coefficients(inputs: MergeInputs) -> tuple[float | None, list[float], list[torch.Tensor]]:
     """``w_i / sum(w)`` (or ``w_i`` without normalize) per model; no base term."""
     n = check_count(inputs, "linear", 1, None)
     weights = [float(mparam(inputs, i, WEIGHT)) for i in range(n)]
@@ -28,12 +28,11 @@ def linear_coefficients(inputs: MergeInputs) -> tuple[float | None, list[float]]
             f"the linear weights {weights} sum to {total:g}, so normalize: true would divide by zero; "
             f"change the weights or set normalize: false.",
         )
-    return None, ([w / total for w in weights] if normalize else weights)
+    return None, ([w / total for w in weights] if normalize else weights), inputs.models
 
 
 def linear_merge(inputs: MergeInputs) -> torch.Tensor:
-    _, cs = linear_coefficients(inputs)
-    return lincomb(None, inputs.models, None, cs)
+    return lincomb(inputs.base, *linear_coefficients(inputs))
 
 
 register(MergeMethod(

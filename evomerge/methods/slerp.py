@@ -43,7 +43,7 @@ def slerp_coefficients(t: float, dot: float) -> tuple[float, float]:
     return math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
 
 
-def _coefficients(inputs: MergeInputs) -> tuple[float | None, list[float]]:
+def _coefficients(inputs: MergeInputs) -> tuple[float | None, list[float], list[torch.Tensor]]:
     """``c0 b + c1 m`` over the model (mergekit's formula: t = 1 gives the model bit for bit); over the
     task vector d = m - b that the prepared engine holds, ``(c0 + c1) b + c1 d``."""
     base = need_base(inputs, "slerp")
@@ -53,12 +53,13 @@ def _coefficients(inputs: MergeInputs) -> tuple[float | None, list[float]]:
     if dot is None:
         dot = cosine(base, inputs.models[0])
     c0, c1 = slerp_coefficients(float(gparam(inputs, T)), dot)
-    return (c0 + c1 if inputs.has_deltas else c0), [c1]
+    if inputs.has_deltas:
+        return c0 + c1, [c1], inputs.deltas
+    return c0, [c1], inputs.models
 
 
 def slerp_merge(inputs: MergeInputs) -> torch.Tensor:
-    a, cs = _coefficients(inputs)
-    return lincomb(inputs.base, inputs.deltas if inputs.has_deltas else inputs.models, a, cs)
+    return lincomb(inputs.base, *_coefficients(inputs))
 
 
 register(MergeMethod(
