@@ -144,6 +144,13 @@ PREPARED_CASES = [
 ]
 
 
+# Methods whose result goes through whole-tensor reductions (norms, dot products) and, for karcher, an
+# iteration on them: torch splits a reduction by the threads it runs on, and the one-shot merge runs two
+# jobs in worker threads, so the two engines may round differently (karcher differed by 2 ulp on an AMD
+# CPU). The others are elementwise given per-tensor lookups both engines share: equal bit for bit.
+REDUCING = {"model_stock", "sce", "multislerp", "karcher"}
+
+
 @pytest.mark.parametrize("method,params,glob", PREPARED_CASES, ids=[c[0] for c in PREPARED_CASES])
 def test_prepared_equals_oneshot_in_every_memory_mode(llama, tmp_path, method, params, glob):
     base, fts = llama
@@ -153,7 +160,9 @@ def test_prepared_equals_oneshot_in_every_memory_mode(llama, tmp_path, method, p
         engine = PreparedMerge(r, memory=memory, progress=False)
         got = engine.state_dict()
         for name, t in got.items():
-            torch.testing.assert_close(t, want[name], rtol=0, atol=0, msg=f"{memory}: {name}")
+            # a reduction's rounding: a few float32 steps at the tensor's scale (max_iter steps for karcher)
+            atol = 16 * torch.finfo(torch.float32).eps * float(want[name].abs().max()) if method in REDUCING else 0.0
+            torch.testing.assert_close(t, want[name], rtol=0, atol=atol, msg=f"{memory}: {name}")
 
 
 def test_prepared_applies_candidates_in_place(llama, tmp_path):

@@ -1,29 +1,24 @@
 """Write a merged model as an ordinary Hugging Face model directory.
 
-Everything is written into a temporary sibling directory and renamed into place
-at the end, so a crash or Ctrl-C never leaves a half model where a user (or
-``from_pretrained``) would find it.
+Everything is written into a staging folder beside the destination and put in
+place only when complete (:mod:`evomerge.checkpoints.outdir` says how, and what
+an existing destination gets), so a crash or Ctrl-C never leaves a half model
+where a user (or ``from_pretrained``) would find it.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
 
+from evomerge.checkpoints.outdir import TOKENIZER_FILES, check_destination, copy_files, file_mode, publish, side_files, staging_dir
 from evomerge.errors import CheckpointError
 
-# Files that travel with a tokenizer; copied from the tokenizer source model.
-_TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
-    "chat_template.json", "generation_config.json",
-)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -79,33 +74,33 @@ def write_model_dir(
     recipe_yaml: str,
     model_card: str,
     max_shard_bytes: int = 2 * 10**9,
+    force: bool = False,
 ) -> Path:
     """Stream ``tensors`` into sharded safetensors plus config, tokenizer, card and recipe.
 
     ``tensors`` is consumed lazily (one merged tensor at a time), so a one-shot
-    merge holds at most one shard in memory.
+    merge holds at most one shard in memory. Callers check the destination with
+    :func:`~evomerge.checkpoints.outdir.check_destination` before they spend any work;
+    it is checked again here, where the files are written.
     """
-    out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    out = check_destination(out_dir, force=force)
+    tmp = staging_dir(out)
     try:
         files: list[tuple[str, list[str]]] = []
         total = 0
         for i, shard in enumerate(_shards(tensors, max_shard_bytes)):
             fname = f"shard-{i:05d}.safetensors"
             save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            os.chmod(tmp / fname, 0o644)
+            os.chmod(tmp / fname, file_mode())
             files.append((fname, list(shard)))
             total += sum(t.numel() * t.element_size() for t in shard.values())
         _name_shards(tmp, files, total)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer_source is not None:
-            for f in _TOKENIZER_FILES:
-                if (tokenizer_source / f).is_file():
-                    shutil.copyfile(tokenizer_source / f, tmp / f)
+            copy_files(side_files(tokenizer_source, TOKENIZER_FILES), tmp)
         (tmp / "mergekit_config.yml").write_text(recipe_yaml)
         (tmp / "README.md").write_text(model_card)
-        _replace_dir(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -123,14 +118,3 @@ def _name_shards(tmp: Path, files: list[tuple[str, list[str]]], total: int) -> N
         weight_map.update({n: final for n in names})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an existing out is removed only once the new one is complete."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)

@@ -15,14 +15,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge models with a mergekit-format recipe and write a Hugging Face model directory.",
     )
     p.add_argument("recipe", help="recipe YAML in mergekit's format (merge_method, base_model, models/slices, parameters)")
-    p.add_argument("out_dir", help="output model directory (written atomically: a failed merge leaves nothing)")
+    p.add_argument("out_dir", help="output model directory, new or empty, or an earlier evomerge output (built beside it "
+                                   "and swapped in whole: a failed merge leaves what was there)")
+    p.add_argument("--force", action="store_true",
+                   help="write into an OUT_DIR that holds other files: only the files a merge writes are replaced, "
+                        "the others stay (an input model is never overwritten)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto = GPU when present)")
     p.add_argument("--out-dtype", default=None, help="float32 | float16 | bfloat16 (default: recipe dtype, else the base's)")
     p.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 500MB, 5GB (default 2GB)")
     p.add_argument("--seed", type=int, default=None, help="seed of DARE/DELLA masks (default: the recipe's evomerge.seed, else 0)")
     p.add_argument("--fused", action="store_true",
                    help="one compiled pass per tensor (task-arithmetic family). Off by default: a single merge does not "
-                        "repay the compile (measured on the SmolLM2-135M shape, 2 CPU cores: TIES 20 s fused, 14 s eager)")
+                        "repay the compile (results/bench_merge.md)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models whose config needs custom code")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         out = merge_to_dir(
             recipe, args.out_dir, device=args.device, out_dtype=args.out_dtype, shard_size=args.shard_size,
             progress=not args.no_progress, trust_remote_code=args.trust_remote_code,
-            fused=args.fused,
+            fused=args.fused, force=args.force,
         )
         print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
 

@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from evomerge.checkpoints.outdir import TOKENIZER_FILES, check_destination, side_files
 from evomerge.checkpoints.writer import dtype_name, parse_dtype, parse_size, write_model_dir
 from evomerge.engine.kernel import choose_fused, input_bytes, random_aux, resolve_device, run_job
 from evomerge.engine.plan import MergePlan, TensorJob
@@ -89,14 +90,18 @@ def merge_to_dir(
     progress: bool = True,
     trust_remote_code: bool = False,
     fused: bool | str = False,
+    force: bool = False,
+    card: str | None = None,
 ) -> Path:
     """Merge ``recipe`` into a model directory at ``out_dir``.
 
     ``fused`` defaults to eager torch: the compiled one-pass kernel pays off over the many candidates
     of a search (the prepared engine), not in one merge, where compiling or loading it costs more
-    than the passes it saves.
+    than the passes it saves. ``out_dir`` is checked before any work (it may not be an input, and holds
+    nothing evomerge did not write unless ``force``); ``card`` replaces the default model card.
     """
     plan = MergePlan(recipe, trust_remote_code=trust_remote_code)
+    check_destination(out_dir, inputs=_inputs(plan), force=force)
     plan.check()
     dev = resolve_device(device)
     dtype = output_dtype(plan, out_dtype)
@@ -107,12 +112,25 @@ def merge_to_dir(
     tok_ref = recipe.tokenizer_source if recipe.tokenizer_source not in (None, "base", "union") else None
     tok_ckpt = plan.checkpoints.get(tok_ref) if tok_ref else plan.reference
     tok_dir = tok_ckpt.tokenizer_dir if tok_ckpt is not None else Path(tok_ref)  # type: ignore[arg-type]
+    side_files(tok_dir, TOKENIZER_FILES)  # a symlink out of the folder is refused before the merge
     return write_model_dir(
         out_dir,
         merged_tensors(plan, dev, dtype, progress, use_fused),
         config=config,
         tokenizer_source=tok_dir,
         recipe_yaml=recipe.to_yaml(),
-        model_card=model_card(recipe),
+        model_card=card if card is not None else model_card(recipe),
         max_shard_bytes=parse_size(shard_size),
+        force=force,
     )
+
+
+def _inputs(plan: MergePlan) -> list[Path]:
+    """Every directory and file the merge reads: its model folders (a LoRA's base too) and the recipe."""
+    paths = [Path(plan.recipe.source_file)] if Path(plan.recipe.source_file).is_file() else []
+    for ckpt in plan.checkpoints.values():
+        paths.append(ckpt.path)
+        base = getattr(ckpt, "base", None)
+        if base is not None:
+            paths.append(base.path)
+    return paths

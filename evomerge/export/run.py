@@ -75,15 +75,10 @@ def export_trial(genome: Any, trial: FrozenTrial, out_dir: Path, *, scores: dict
     recipe = trial_recipe(genome, trial)
     recipe.source_file = str(out_dir / "recipe.yaml")
     recipe.save(out_dir / "recipe.yaml")
-    if model:
-        model_dir = out_dir / "model"
-        if model_dir.exists():
-            import shutil
-
-            shutil.rmtree(model_dir)
-        merge_to_dir(recipe, model_dir, device=device, progress=progress, fused=fused)
+    if model:  # an earlier export is replaced whole once the new one is complete, card included
         sections = scores_markdown(title, scores, search_limit) if scores else ""
-        (model_dir / "README.md").write_text(model_card(recipe, title=title, sections=sections))
+        merge_to_dir(recipe, out_dir / "model", device=device, progress=progress, fused=fused,
+                     card=model_card(recipe, title=title, sections=sections))
     return out_dir
 
 
