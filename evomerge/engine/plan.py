@@ -25,7 +25,11 @@ _PRE_MARKERS = ("embed", "wte", "wpe")
 
 @dataclass(frozen=True)
 class TensorJob:
-    """One output tensor: its sources and where it sits for gradient interpolation."""
+    """One output tensor: its sources and where it sits for gradient interpolation.
+
+    ``t`` follows mergekit 0.1.5: ``i / (n - 1)`` for layer ``i`` of an ``n``-layer slice (1 for a
+    one-layer slice), 0 for the tensors before and after the layers (embeddings, final norm, head).
+    """
 
     out_name: str
     t: float
@@ -149,9 +153,13 @@ class MergePlan:
                     ))
             out_layer += length
         self.n_out_layers = out_layer
+        # mergekit 0.1.5 (MergePlanner.plan_module) plans the post-layer tensors with the last slice's
+        # sources and parameters, paired with as many inputs as the first slice has, and reads their
+        # parameters at t = 0 like the embeddings: a gradient's first element, not its last.
         last_index = len(self.slices) - 1
+        tail = Slice(last.sources[:len(first.sources)], last.parameters)
         for name in post:
-            jobs.append(self._job(name, 1.0, last_index, last, lambda src, n=name: n))
+            jobs.append(self._job(name, 0.0, last_index, tail, lambda src, n=name: n))
         return jobs
 
     def _job(self, out_name: str, t: float, si: int, sl: Slice, src_name: Any) -> TensorJob:
@@ -180,8 +188,13 @@ class MergePlan:
         return cfg
 
     # ---- parameters ----------------------------------------------------------------
-    def _lookup(self, name: str, job: TensorJob, model_ref: str | None, recipe: Recipe) -> Any:
-        """mergekit's precedence: slice source > slice > models entry > global parameters."""
+    def _lookup(self, name: str, job: TensorJob, model_ref: str | None, recipe: Recipe,
+                tensor_name: str | None = None) -> Any:
+        """mergekit's precedence: slice source > slice > models entry > global parameters.
+
+        Filters match ``tensor_name``: for a per-model parameter, mergekit's name of that model's input
+        tensor (in a slice it can sit at another layer than the output), else the output tensor's name.
+        """
         levels: list[dict[str, Any]] = []
         slices = recipe.slices
         if slices:
@@ -194,7 +207,7 @@ class MergePlan:
         levels.append(recipe.parameters)
         for params in levels:
             if name in params:
-                value = evaluate_setting(params[name], job.out_name, job.t)
+                value = evaluate_setting(params[name], tensor_name or job.out_name, job.t)
                 if value is not None:
                     return value
         return None
@@ -209,10 +222,10 @@ class MergePlan:
         recipe = recipe or self.recipe
         where = f"{recipe.source_file}: tensor {job.out_name}"
         model_params = []
-        for ref, _ in job.models:
+        for ref, src_name in job.models:
             values = {}
             for p in self.method.model_params:
-                v = self._lookup(p.name, job, ref, recipe)
+                v = self._lookup(p.name, job, ref, recipe, src_name)
                 if v is None:
                     if p.required:
                         raise MergeError(

@@ -8,7 +8,8 @@ writes replays in mergekit. Two shapes exist, as in mergekit:
 
 Parameter values follow mergekit's rules (:func:`evaluate_setting`): a scalar;
 a list of numbers interpolated across a slice's layers ("gradient": position
-``t = i / (n - 1)``, embeddings at ``t = 0``, final norm and head at ``t = 1``);
+``t = i / (n - 1)``, 1 in a one-layer slice; embeddings, final norm and head at
+``t = 0``, as mergekit 0.1.5 plans them);
 or a list of ``{filter: substring, value: ...}`` conditions matched against the
 tensor name, the first match winning and a condition without filter matching all.
 
