@@ -66,7 +66,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     assert isinstance(raw, dict)
     if not raw.get("search"):
         parse_search(None)  # raises the "no search selected" error
-    spec = parse_search(raw["search"])
+    from evomerge.search.dataflow import is_dataflow, parse_dataflow  # layer stacking: its own search keys
+
+    spec = parse_dataflow(raw["search"]) if is_dataflow(raw["search"]) else parse_search(raw["search"])
     tasks = parse_tasks(raw.get("tasks"))
     sampler = check_sampler(raw.get("sampler") or {})
     models = raw.get("models") or {}

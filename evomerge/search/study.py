@@ -19,12 +19,14 @@ from evomerge.export.run import STUDY_ATTR, export_trial, trial_counts, write_js
 from evomerge.search import driver
 from evomerge.search.final import FinalResult, rescore
 from evomerge.search.fitness import Scorer, TaskSpec, objective_names
+from evomerge.search.dataflow import DataflowGenome, is_dataflow, parse_dataflow
 from evomerge.search.genome import Genome, layout_of
 from evomerge.search.models import pick_sources, resolve_models
+from evomerge.search.preflight import check_before_study
 from evomerge.search.samplers import make_pruner, make_sampler
 from evomerge.search.score_cache import ScoreCache
 from evomerge.search.spec import parse_search
-from evomerge.search.storage import make_storage, storage_url
+from evomerge.search.storage import expect_study, make_storage, session_lock, storage_url
 
 
 class SearchSession:
@@ -49,7 +51,8 @@ class SearchSession:
         if search.get("sources") is None:
             search["sources"] = list(models.specialists)
         self.search_cfg = search
-        self.spec = spec = parse_search(search)
+        dataflow = is_dataflow(search)  # layer stacking (search/dataflow.py): its own spec, genome and engine
+        self.spec = spec = parse_dataflow(search) if dataflow else parse_search(search)  # type: ignore[assignment]
         self.sources = pick_sources(models, spec.sources)
         self.models = models
         start = time.perf_counter()
@@ -57,7 +60,11 @@ class SearchSession:
         self.scorer = Scorer(self._evaluator(), self.tasks, self.objectives)
         self._timed("evaluator_s", start)
         layout = layout_of(models.base or next(iter(self.sources.values())))
-        self.genome = Genome(spec, self.sources, models.base, layout, seed=int(raw.get("seed", 0)))
+        self.genome = (DataflowGenome(spec, self.sources, layout, seed=int(raw.get("seed", 0))) if dataflow  # type: ignore[arg-type]
+                       else Genome(spec, self.sources, models.base, layout, seed=int(raw.get("seed", 0))))
+        # every configuration check that can fail runs now, before a study exists (evomerge/search/preflight.py)
+        check_before_study(self.scorer.evaluator, self.tasks, base=models.base, tokenizer_dir=self.tokenizer_dir,
+                           genome=self.genome, n_trials=spec.n_trials, sampler=raw["sampler"], seed=int(raw.get("seed", 0)))
 
     def _evaluator(self) -> Any:
         from transformers import AutoTokenizer
@@ -65,10 +72,13 @@ class SearchSession:
         from evomerge.evaluation import Evaluator
 
         tok_dir = self.models.tokenizer or self.models.base or next(iter(self.sources.values()))
+        self.tokenizer_dir = tok_dir
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         return Evaluator(tokenizer, list(self.tasks.tasks), include_paths=self.models.task_dirs,
                          batch_size=int(self.raw["batch_size"]), device=str(self.device),
-                         max_gen_toks=self.raw.get("max_gen_toks"))
+                         max_gen_toks=self.raw.get("max_gen_toks"), splits=self.tasks.split_plan(int(self.raw.get("seed", 0))),
+                         apply_chat_template=self.tasks.apply_chat_template,
+                         fewshot_as_multiturn=self.tasks.fewshot_as_multiturn)
 
     def _study_meta(self) -> dict[str, Any]:
         lay = self.genome.layout
@@ -95,6 +105,7 @@ class SearchSession:
         self.pruner = make_pruner(self.prune, float(spec.pruning.keep), int(spec.pruning.startup_trials))
         self.sampler_for = lambda start: make_sampler(raw["sampler"], int(raw.get("seed", 0)), self._inside(start))
         name = str(raw["study_name"])
+        expect_study(storage, name, self.run_dir)
         study = optuna.create_study(study_name=name, storage=storage, directions=["maximize"] * len(self.objectives),
                                     load_if_exists=True)
         meta = self._study_meta()
@@ -111,6 +122,7 @@ class SearchSession:
             raise ConfigError(f"study {name!r} has {len(study.directions)} objective(s) and this config {len(self.objectives)}; "
                               f"use another study_name for a different sampler/objectives.")
         study.set_user_attr("objectives", self.objectives)
+        write_json(self.run_dir / "splits.json", self.scorer.evaluator.splits.record())  # which items each split used
         return study
 
     def _inside(self, params: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -127,6 +139,12 @@ class SearchSession:
 
     # ---- the session -----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """The whole search, while holding the study's session lock: a second process on the same study file
+        is refused before it loads anything (it would spend the budget twice and fail this one's trial)."""
+        with session_lock(self.raw["storage"], self.run_dir, str(self.raw["study_name"]), shared=False):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         self._setup()
         study = self._open_study()
         taken = driver.take_over_dead_trials(study)
@@ -176,14 +194,20 @@ class SearchSession:
             root = cache_root() / "scores"
         context = {"tasks": _fitness_key(self.tasks, self.objectives, None), "eval_dtype": self.raw["eval_dtype"],
                    "batch_size": self.raw["batch_size"], "max_gen_toks": self.raw.get("max_gen_toks"),
-                   "device": getattr(self.device, "type", str(self.device))}
-        return ScoreCache(root, context, self.models.task_dirs)
+                   "device": getattr(self.device, "type", str(self.device)),
+                   "items": self.scorer.evaluator.splits.digest()}
+        return ScoreCache(root, context, self.models.task_dirs, tokenizer_dir=self.tokenizer_dir)
 
     def _engine(self) -> Any:
         from evomerge.checkpoints import parse_dtype
         from evomerge.engine.prepared import PreparedMerge
 
         dtype = parse_dtype(self.raw["eval_dtype"], "eval_dtype")  # checked at start-up (app.py)
+        if isinstance(self.genome, DataflowGenome):  # no merge kernel: the live model is re-wired per candidate
+            from evomerge.engine.stack import StackEngine
+
+            self.engine = StackEngine(list(self.sources.values()), device=str(self.device), model_dtype=dtype)
+            return self.engine
         recipe = self.genome.recipe(self.genome.baselines()["textbook"])
         self.engine = PreparedMerge(recipe, device=str(self.device), memory=self.raw.get("memory", "auto"),
                                     model_dtype=dtype, progress=self.progress, device_map=self.raw.get("device_map"),
@@ -243,7 +267,7 @@ def _fitness_key(tasks: TaskSpec, objectives: list[str], limit: float | None) ->
     import hashlib
     import json
 
-    blob = json.dumps({"tasks": tasks.tasks, "objectives": objectives, "limit": limit}, sort_keys=True)
+    blob = json.dumps({"tasks": tasks.tasks, "objectives": objectives, "limit": limit, **tasks.options_key()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
