@@ -9,12 +9,18 @@ split (datasets, filters, metrics), and the HFLM wrapper around the live model
 forward pass). ``lm_eval.evaluator.evaluate`` is called directly: ``simple_evaluate``
 spends about a second per call on environment logging and reseeds global RNGs.
 
+The wrapper is ``backend="fast"`` (the default: :class:`evomerge.evaluation.fast_lm.FastLM`, each
+context run once for all its choices, logits only where scored, KV-cached greedy decoding, the
+same answers as HFLM) or ``backend="hflm"`` (lm-eval's own HFLM, the reference).
+
 Split selection: ``split="test"`` evaluates each task exactly as its YAML says (for
 evomerge's tasks that is the held-out ``test`` split; for a user's or a built-in
 task, whatever split lm-eval would score). Any other split name, e.g. ``"search"``,
 is passed to lm-eval as an override of the task config's ``test_split`` when that
 split's task dict is built, so one YAML serves every split and the datasets are
 not copied. A task whose data has no split of that name is a user error.
+With ``splits=`` (a :class:`~evomerge.evaluation.splits.SplitPlan`) the logical splits
+``search`` and ``test`` are the plan's items instead, whatever the task's splits are called.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ import time
 from typing import Any, Iterator
 
 from evomerge.errors import ConfigError
+
+BACKENDS = ("fast", "hflm")  # Evaluator(backend=...): evomerge's FastLM, or lm-eval's HFLM
 
 _NOISY = (
     "`pretrained` model kwarg is not of type `str`",
@@ -132,7 +140,14 @@ class Evaluator:
         batch_size: int = 32,
         device: str = "cpu",
         max_gen_toks: int | None = None,
+        backend: str = "fast",
+        splits: Any = None,
+        apply_chat_template: bool = False,
+        fewshot_as_multiturn: bool = False,
     ) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"Evaluator: backend {backend!r} is not one of {', '.join(BACKENDS)} (fast: evomerge's "
+                              "FastLM, the default; hflm: lm-eval's HFLM, the reference it is tested against).")
         if not tasks:
             raise ConfigError("Evaluator: no tasks given; name at least one lm-eval task.")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -147,6 +162,10 @@ class Evaluator:
         self.batch_size = batch_size
         self.device = device
         self.max_gen_toks = max_gen_toks
+        self.backend = backend
+        self.splits = splits  # a SplitPlan: which items each logical split holds (None: split names as above)
+        self.prompt_options = {"apply_chat_template": bool(apply_chat_template),
+                               "fewshot_as_multiturn": bool(fewshot_as_multiturn)}
         self.task_manager = self._task_manager()
         self._task_dicts: dict[str, dict[str, Any]] = {}
         self._lm = None
@@ -184,8 +203,11 @@ class Evaluator:
     def _build_task_dict(self, split: str) -> dict[str, Any]:
         import datasets
 
-        if split == "test":
-            spec: Any = self.tasks
+        if self.splits is not None:
+            self.splits.resolve(self.task_manager)
+            spec: Any = self.splits.spec(split)
+        elif split == "test":
+            spec = self.tasks
         else:
             spec = {"group": f"_evomerge_split_{split}",
                     "task": [{"task": t, "test_split": split} for t in self.tasks]}
@@ -203,6 +225,8 @@ class Evaluator:
             if was_enabled:
                 datasets.enable_progress_bars()
         tasks = loaded["tasks"]
+        if self.splits is not None:
+            self.splits.prepare(split, tasks)
         for task in tasks.values():
             _reuse_requests(task)
         if self.max_gen_toks is not None:
@@ -214,12 +238,17 @@ class Evaluator:
         return {"tasks": tasks, "groups": {}, "group_map": {}}
 
     def lm(self, model):
-        """The HFLM wrapping ``model``: made once, rebuilt only for a different model object."""
+        """The lm-eval model wrapping ``model``: made once, rebuilt only for a different model object."""
         if self._lm is None or self._lm_model_id != id(model):
-            self._lm = _quiet_hflm_class()(
-                pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size,
-                device=self.device,
-            )
+            if self.backend == "fast":
+                from evomerge.evaluation.fast_lm import FastLM
+
+                self._lm = FastLM(model, self.tokenizer, batch_size=self.batch_size, device=self.device)
+            else:
+                self._lm = _quiet_hflm_class()(
+                    pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size,
+                    device=self.device,
+                )
             self._lm_model_id = id(model)
         return self._lm
 
@@ -243,7 +272,7 @@ class Evaluator:
         t1 = time.perf_counter()
         with no_request_bars():
             out = evaluate(lm=lm, task_dict=task_dict, limit=limit, samples=samples, bootstrap_iters=0,
-                           log_samples=False, cache_requests=False)
+                           log_samples=False, cache_requests=False, **self.prompt_options)
         t2 = time.perf_counter()
         self.last_timing = {"setup_s": t1 - t0, "evaluate_s": t2 - t1}
         return {name: _flatten(res) for name, res in out["results"].items()}
@@ -260,7 +289,7 @@ class Evaluator:
         model.eval()
         with no_request_bars():
             out = evaluate(lm=lm, task_dict=self.task_dict(split), bootstrap_iters=0, log_samples=True,
-                           cache_requests=False)
+                           cache_requests=False, **self.prompt_options)
         return {t: [float(s[metric]) for s in sorted(rows, key=lambda s: s["doc_id"])]
                 for t, rows in out["samples"].items()}
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from evomerge.errors import ConfigError
+from evomerge.evaluation.splits import Partition, SplitPlan, TaskSplits
 
 OBJECTIVE_MODES = ("auto", "fitness", "per_task")
 BINARY_METRICS = {"acc", "acc_norm", "exact_match"}  # per-item 0/1 scores: their mean is a proportion
@@ -26,6 +27,10 @@ class TaskSpec:
     objectives: str = "auto"
     group: str | None = None            # a named task group of the models' zoo (used when ``tasks`` is empty)
     metric: str | None = None           # the metric of the group's tasks
+    splits: dict[str, TaskSplits] = field(default_factory=dict)  # task -> where its search / test items come from
+    default_splits: TaskSplits = field(default_factory=TaskSplits)  # for tasks without their own (a zoo group's)
+    apply_chat_template: bool = False   # lm-eval's: prompts through the tokenizer's chat template (instruct models)
+    fewshot_as_multiturn: bool = False  # with apply_chat_template: each example its own user/assistant turn
 
     def expand(self, zoo_groups: dict[str, list[str]]) -> "TaskSpec":
         """The explicit task list: ``tasks`` as given, or the zoo's ``group``."""
@@ -38,7 +43,22 @@ class TaskSpec:
             raise ConfigError(f"tasks.group = {self.group!r} is not a task group of this zoo; it has "
                               f"{', '.join(zoo_groups)}.")
         weights = {self.metric: 1.0} if self.metric else {}
-        return TaskSpec(self.name, {t: dict(weights) for t in zoo_groups[self.group]}, self.objectives)
+        names = zoo_groups[self.group]
+        return replace(self, tasks={t: dict(weights) for t in names}, splits={t: self.default_splits for t in names})
+
+    def split_plan(self, shot_seed: int = 0) -> SplitPlan:
+        return SplitPlan({t: self.splits.get(t, self.default_splits) for t in self.tasks}, shot_seed=shot_seed)
+
+    def options_key(self) -> dict[str, Any]:
+        """What besides the metric weights gives a score its meaning (empty when every option is the default,
+        so studies and cached scores from before these options existed keep their keys)."""
+        out: dict[str, Any] = {}
+        splits = {t: asdict(s) for t, s in self.splits.items() if not s.is_default()}
+        if splits:
+            out["splits"] = splits
+        if self.apply_chat_template:
+            out["chat"] = [self.apply_chat_template, self.fewshot_as_multiturn]
+        return out
 
 
 @dataclass
@@ -49,30 +69,95 @@ class Score:
     seconds: float
 
 
+SPLIT_KEYS = ("search_split", "test_split", "partition", "num_fewshot")
+OPTION_KEYS = (*SPLIT_KEYS, "overrides")  # a task entry's keys that are not metric weights
+_MANAGED = {"task": "the entry's name", "test_split": "test_split", "num_fewshot": "num_fewshot"}
+
+
 def parse_tasks(cfg: dict[str, Any] | None) -> TaskSpec:
+    """The tasks group, typed and checked once: every later reader gets a TaskSpec."""
     cfg = cfg or {}
     mode = cfg.get("objectives", "auto")
     if mode not in OBJECTIVE_MODES:
         raise ConfigError(f"tasks.objectives = {mode!r}: use auto, fitness (one objective) or per_task (one per task).")
+    chat = {k: _flag(cfg.get(k, False), f"tasks.{k}") for k in ("apply_chat_template", "fewshot_as_multiturn")}
+    default = _splits(cfg, "tasks", TaskSplits())
     if not cfg.get("tasks"):
         if not cfg.get("group"):
-            raise ConfigError("tasks.tasks is empty and tasks.group is null: list lm-eval tasks with metric weights, "
-                              "e.g. `tasks: {my_task: {acc: 1.0}}`, or name a zoo task group (see conf/tasks/math.yaml).")
-        return TaskSpec(name=str(cfg.get("name") or cfg["group"]), tasks={}, objectives=mode,
-                        group=str(cfg["group"]), metric=cfg.get("metric"))
+            raise ConfigError("tasks.tasks is empty and tasks.group is null: name the lm-eval tasks with metric weights, "
+                              "on the command line (`'tasks.tasks={my_task: {acc: 1.0}}'`) or in a tasks file "
+                              "(conf/tasks/gsm8k_local.yaml is one), or name a zoo task group (see conf/tasks/math.yaml).")
+        return TaskSpec(name=str(cfg.get("name") or cfg["group"]), tasks={}, objectives=mode, group=str(cfg["group"]),
+                        metric=cfg.get("metric"), default_splits=default, **chat)
     tasks: dict[str, dict[str, float]] = {}
+    splits: dict[str, TaskSplits] = {}
     raw = cfg["tasks"]
-    if isinstance(raw, list):  # a bare list: each task's first metric, weight 1
-        raw = {t: {} for t in raw}
+    if isinstance(raw, list):  # a bare list: each task's first metric (or tasks.metric), weight 1
+        raw = {t: ({cfg["metric"]: 1.0} if cfg.get("metric") else {}) for t in raw}
     if not isinstance(raw, dict):
         raise ConfigError("tasks.tasks must map task names to {metric: weight} (or be a list of task names).")
-    for task, metrics in raw.items():
-        metrics = metrics or {}
-        if not isinstance(metrics, dict) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
-                                                    for w in metrics.values()):
-            raise ConfigError(f"tasks.tasks.{task} must map metric names to numeric weights, e.g. {{acc: 1.0}}.")
+    for task, entry in raw.items():
+        entry = entry or {}
+        key = f"tasks.tasks.{task}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{key} must map metric names to numeric weights, e.g. {{acc: 1.0}}, beside any of the "
+                              f"task's own split options ({', '.join(OPTION_KEYS)}).")
+        options = {k: entry[k] for k in OPTION_KEYS if k in entry}  # the rest of the entry: metric weights
+        metrics = {k: v for k, v in entry.items() if k not in OPTION_KEYS}
+        splits[str(task)] = _splits(options, key, default, overrides=options.get("overrides")) if options else default
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in metrics.values()):
+            raise ConfigError(f"{key} must map metric names to numeric weights, e.g. {{acc: 1.0}}; its other keys can "
+                              f"only be the task's split options ({', '.join(OPTION_KEYS)}).")
         tasks[str(task)] = {str(m): float(w) for m, w in metrics.items()}
-    return TaskSpec(name=str(cfg.get("name") or "tasks"), tasks=tasks, objectives=mode)
+    return TaskSpec(name=str(cfg.get("name") or "tasks"), tasks=tasks, objectives=mode, splits=splits,
+                    default_splits=default, **chat)
+
+
+def _flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} = {value!r}: true or false.")
+    return value
+
+
+def _splits(cfg: dict[str, Any], key: str, default: TaskSplits, overrides: Any = None) -> TaskSplits:
+    """Split options at ``key`` (the group's defaults, or one task's), on top of ``default``."""
+    given = {k: cfg[k] for k in SPLIT_KEYS if cfg.get(k) is not None}
+    if "partition" in given and "search_split" in given and given["search_split"] != default.search_split:
+        raise ConfigError(f"{key}: search_split and partition both say where the search items come from; keep one.")
+    for k in ("search_split", "test_split"):
+        if k in given and (not isinstance(given[k], str) or not given[k]):
+            raise ConfigError(f"{key}.{k} = {given[k]!r}: the name of one of the task's splits, e.g. train.")
+    partition = default.partition if "search_split" not in given else None
+    if "partition" in given:
+        partition = _partition(given["partition"], f"{key}.partition")
+    shots = given.get("num_fewshot", default.num_fewshot)
+    if shots is not None and (not isinstance(shots, int) or isinstance(shots, bool) or shots < 0):
+        raise ConfigError(f"{key}.num_fewshot = {shots!r}: a whole number >= 0 (null: the task's own).")
+    if overrides is None:
+        overrides = dict(default.overrides)
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{key}.overrides must map lm-eval task config keys to values, e.g. {{dataset_path: json}}.")
+    for k, use in _MANAGED.items():
+        if k in overrides:
+            raise ConfigError(f"{key}.overrides.{k}: set by evomerge ({use}); remove it from overrides.")
+    return TaskSplits(search_split=given.get("search_split", default.search_split),
+                      test_split=given.get("test_split", default.test_split), partition=partition,
+                      num_fewshot=shots, overrides=dict(overrides))
+
+
+def _partition(value: Any, key: str) -> Partition:
+    if not isinstance(value, dict) or set(value) - {"split", "search", "seed"} or "search" not in value:
+        raise ConfigError(f"{key} = {value!r}: a mapping {{split: SPLIT (null: the task's own test split), search: "
+                          f"FRACTION or COUNT, seed: N}}, e.g. {{split: test, search: 0.3, seed: 0}}.")
+    search, seed, split = value["search"], value.get("seed", 0), value.get("split")
+    if isinstance(search, bool) or not isinstance(search, (int, float)) or search <= 0 or (search > 1 and search != int(search)):
+        raise ConfigError(f"{key}.search = {search!r}: the search's share of the split's items, a fraction in (0, 1) or "
+                          f"a whole count >= 1.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"{key}.seed = {seed!r}: a whole number.")
+    if split is not None and (not isinstance(split, str) or not split):
+        raise ConfigError(f"{key}.split = {split!r}: the name of one of the task's splits (null: its own test split).")
+    return Partition(split=split, search=float(search), seed=seed)
 
 
 def objective_names(spec: TaskSpec, multi_objective_sampler: bool) -> list[str]:

@@ -8,7 +8,8 @@ of the merged weights and the evaluation set-up, so it is looked up instead.
 
 The key holds everything a score depends on: the recipe (method, models,
 parameters, seed), each model directory's files (name, size, modification time),
-the tasks and their directories' files, the split, the evaluation settings
+the tasks and their directories' files, the digest of every split's items, the
+tokenizer directory's files, the split, the evaluation settings
 (dtype, batch size, device type, generation cap), the versions of torch,
 transformers and lm-eval, and a digest of evomerge's own merge and evaluation
 code (an upgrade, or a developer's edit, may change a merge or a score).
@@ -62,9 +63,11 @@ def _versions() -> dict[str, str]:
 class ScoreCache:
     """``get``/``put`` of one split's score record for one recipe, under a fixed evaluation context."""
 
-    def __init__(self, root: str | Path, context: dict[str, Any], task_dirs: list[str]) -> None:
+    def __init__(self, root: str | Path, context: dict[str, Any], task_dirs: list[str], *,
+                 tokenizer_dir: str | None = None) -> None:
         self.root = Path(root).expanduser()
-        self.context = {**context, "task_dirs": {d: _files(d) for d in task_dirs}, "versions": _versions()}
+        self.context = {**context, "task_dirs": {d: _files(d) for d in task_dirs}, "versions": _versions(),
+                        "tokenizer": None if tokenizer_dir is None else _files(tokenizer_dir)}
         self._model_files: dict[str, Any] = {}
 
     def _key(self, recipe: Any, split: str) -> str:
