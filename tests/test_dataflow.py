@@ -208,3 +208,25 @@ def test_mergekit_builds_the_same_stack(stack_case, tmp_path):
     assert set(theirs) == set(ours)
     for name in ours:  # a passthrough is a copy or one float32 multiply: exact in both
         assert torch.equal(ours[name], theirs[name].to(ours[name].dtype)), name
+
+
+# ---- the search --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_search_runs_end_to_end_and_exports_the_scored_stack(tiny_zoo, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["+search=dataflow_math", "search.n_trials=7", "search.limit=20", "progress=false", "final.top_k=1",
+            f"final.score_cache={tmp_path / 'scores'}", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run([sys.executable, "-m", "evomerge.search.app", *args], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["method"] == "passthrough" and summary["trials"]["finished"] == 7
+    assert set(summary["baselines"]) == {"alone:add", "alone:sub", "frankenmerge:add+sub"}
+    assert all(b["test_fitness"] is not None for b in summary["baselines"].values())
+    recipe = load_recipe(run_dir / "best" / "recipe.yaml")
+    n = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in recipe.slices)
+    assert json.loads((run_dir / "best" / "model" / "config.json").read_text())["num_hidden_layers"] == n
+    engine = StackEngine([str(tiny_zoo.specialists[k]) for k in ("add", "sub")])
+    engine.apply(recipe)  # the scored stack, rebuilt from the exported recipe, is the exported model
+    assert torch.equal(_logits(engine.model), _logits(_load(run_dir / "best" / "model")))
+    assert "p0.l0.add" in (run_dir / "trials.csv").read_text().splitlines()[0]
