@@ -9,6 +9,10 @@ split (datasets, filters, metrics), and the HFLM wrapper around the live model
 forward pass). ``lm_eval.evaluator.evaluate`` is called directly: ``simple_evaluate``
 spends about a second per call on environment logging and reseeds global RNGs.
 
+The wrapper is ``backend="fast"`` (the default: :class:`evomerge.evaluation.fast_lm.FastLM`, each
+context run once for all its choices, logits only where scored, KV-cached greedy decoding, the
+same answers as HFLM) or ``backend="hflm"`` (lm-eval's own HFLM, the reference).
+
 Split selection: ``split="test"`` evaluates each task exactly as its YAML says (for
 evomerge's tasks that is the held-out ``test`` split; for a user's or a built-in
 task, whatever split lm-eval would score). Any other split name, e.g. ``"search"``,
@@ -28,6 +32,8 @@ import time
 from typing import Any, Iterator
 
 from evomerge.errors import ConfigError
+
+BACKENDS = ("fast", "hflm")  # Evaluator(backend=...): evomerge's FastLM, or lm-eval's HFLM
 
 _NOISY = (
     "`pretrained` model kwarg is not of type `str`",
@@ -134,10 +140,14 @@ class Evaluator:
         batch_size: int = 32,
         device: str = "cpu",
         max_gen_toks: int | None = None,
+        backend: str = "fast",
         splits: Any = None,
         apply_chat_template: bool = False,
         fewshot_as_multiturn: bool = False,
     ) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"Evaluator: backend {backend!r} is not one of {', '.join(BACKENDS)} (fast: evomerge's "
+                              "FastLM, the default; hflm: lm-eval's HFLM, the reference it is tested against).")
         if not tasks:
             raise ConfigError("Evaluator: no tasks given; name at least one lm-eval task.")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -152,6 +162,7 @@ class Evaluator:
         self.batch_size = batch_size
         self.device = device
         self.max_gen_toks = max_gen_toks
+        self.backend = backend
         self.splits = splits  # a SplitPlan: which items each logical split holds (None: split names as above)
         self.prompt_options = {"apply_chat_template": bool(apply_chat_template),
                                "fewshot_as_multiturn": bool(fewshot_as_multiturn)}
@@ -227,12 +238,17 @@ class Evaluator:
         return {"tasks": tasks, "groups": {}, "group_map": {}}
 
     def lm(self, model):
-        """The HFLM wrapping ``model``: made once, rebuilt only for a different model object."""
+        """The lm-eval model wrapping ``model``: made once, rebuilt only for a different model object."""
         if self._lm is None or self._lm_model_id != id(model):
-            self._lm = _quiet_hflm_class()(
-                pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size,
-                device=self.device,
-            )
+            if self.backend == "fast":
+                from evomerge.evaluation.fast_lm import FastLM
+
+                self._lm = FastLM(model, self.tokenizer, batch_size=self.batch_size, device=self.device)
+            else:
+                self._lm = _quiet_hflm_class()(
+                    pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size,
+                    device=self.device,
+                )
             self._lm_model_id = id(model)
         return self._lm
 
