@@ -78,7 +78,8 @@ class SearchSession:
                          batch_size=int(self.raw["batch_size"]), device=str(self.device),
                          max_gen_toks=self.raw.get("max_gen_toks"), splits=self.tasks.split_plan(int(self.raw.get("seed", 0))),
                          apply_chat_template=self.tasks.apply_chat_template,
-                         fewshot_as_multiturn=self.tasks.fewshot_as_multiturn)
+                         fewshot_as_multiturn=self.tasks.fewshot_as_multiturn,
+                         backend=str(self.raw.get("evaluator", "fast")))
 
     def _study_meta(self) -> dict[str, Any]:
         lay = self.genome.layout
@@ -194,6 +195,7 @@ class SearchSession:
             root = cache_root() / "scores"
         context = {"tasks": _fitness_key(self.tasks, self.objectives, None), "eval_dtype": self.raw["eval_dtype"],
                    "batch_size": self.raw["batch_size"], "max_gen_toks": self.raw.get("max_gen_toks"),
+                   "evaluator": self.raw.get("evaluator", "fast"),
                    "device": getattr(self.device, "type", str(self.device)),
                    "items": self.scorer.evaluator.splits.digest()}
         return ScoreCache(root, context, self.models.task_dirs, tokenizer_dir=self.tokenizer_dir)
