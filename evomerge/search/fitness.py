@@ -70,7 +70,7 @@ class Score:
 
 
 SPLIT_KEYS = ("search_split", "test_split", "partition", "num_fewshot")
-OPTION_KEYS = (*SPLIT_KEYS, "overrides")  # a task entry's keys that are not metric weights
+OPTION_KEYS = (*SPLIT_KEYS, "overrides", "filter")  # a task entry's keys that are not metric weights
 _MANAGED = {"task": "the entry's name", "test_split": "test_split", "num_fewshot": "num_fewshot"}
 
 
@@ -104,6 +104,11 @@ def parse_tasks(cfg: dict[str, Any] | None) -> TaskSpec:
                               f"task's own split options ({', '.join(OPTION_KEYS)}).")
         options = {k: entry[k] for k in OPTION_KEYS if k in entry}  # the rest of the entry: metric weights
         metrics = {k: v for k, v in entry.items() if k not in OPTION_KEYS}
+        filt = entry.get("filter")  # whose metrics count when the task has several filters (a key cannot hold a comma on
+        if filt is not None:        # Hydra's command line, so `exact_match,strict-match` is `{exact_match: 1, filter: strict-match}`)
+            if not isinstance(filt, str) or not filt:
+                raise ConfigError(f"{key}.filter = {filt!r}: the name of one of the task's filters (its filter_list).")
+            metrics = {(m if "," in m else f"{m},{filt}"): w for m, w in metrics.items()}
         splits[str(task)] = _splits(options, key, default, overrides=options.get("overrides")) if options else default
         if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in metrics.values()):
             raise ConfigError(f"{key} must map metric names to numeric weights, e.g. {{acc: 1.0}}; its other keys can "
@@ -171,8 +176,9 @@ def _metric(results: dict[str, float], metric: str, task: str) -> float:
     """lm-eval names metrics ``acc,none``; a config says ``acc``: accept either spelling."""
     if metric in results:
         return float(results[metric])
+    name = metric.split(",")[0]  # `acc` for `acc,none`; `exact_match,strict-match` when that is the only filter
     for key, value in results.items():
-        if key.split(",")[0] == metric and isinstance(value, (int, float)):
+        if key.split(",")[0] == name and isinstance(value, (int, float)) and ("," not in metric or "," not in key):
             return float(value)
     raise ConfigError(f"tasks.tasks.{task}: task {task!r} reports no metric {metric!r}; it reports "
                       f"{', '.join(k for k in results if not k.endswith('_stderr') and 'stderr' not in k)}.")
@@ -264,7 +270,7 @@ class Scorer:
         start = time.perf_counter()
         samples = {t: list(r) for t, r in items.items() if len(r)}
         raw = self.evaluator.evaluate(model, split=split, samples=samples) if samples else {}
-        metrics = {t: {k.split(",")[0]: float(v) for k, v in raw.get(t, {}).items()
+        metrics = {t: {k: float(v) for k, v in raw.get(t, {}).items()  # names as flattened: `m,filter` kept when two filters report m
                        if isinstance(v, (int, float)) and "stderr" not in k and k not in ("sample_len", "alias")}
                    for t in samples}
         return metrics, time.perf_counter() - start
