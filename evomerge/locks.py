@@ -80,3 +80,54 @@ class FileMutex:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+class SessionLock:
+    """Held for a whole search by the processes using one study file: exclusive for a single-process search,
+    shared by the workers of a cluster sweep. So a second search on a study is refused at once, before it
+    loads a model, instead of spending the budget a second time or failing the first one's running trial;
+    and a single-process search is refused while workers run (and the other way round).
+
+    Non-blocking: a search waiting for another to end would look hung. The holder of the exclusive lock
+    writes who it is into the file, for the message the next one gets.
+    """
+
+    def __init__(self, path: Path, *, shared: bool, what: str) -> None:
+        """``what``: the study, as the refusal names it."""
+        self.path, self.shared, self.what = Path(path), shared, what
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import socket
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "workers of a cluster sweep"
+            os.close(fd)
+            how = ("workers of one study run together with `worker=N` (README, 'Cluster sweeps')" if not self.shared
+                   else "stop it first, or run every process as a worker (`worker=N`)")
+            raise ConfigError(
+                f"{self.what} is in use by another evomerge process ({holder}); two searches on one study would "
+                f"spend its budget twice. Wait for it to finish, use another study_name or run directory, or: {how}. "
+                f"(Lock file: {self.path}.)") from None
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(f"cannot lock {self.path}: {exc.strerror}; check that the folder is writable.") from None
+        if not self.shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
+
+    def __enter__(self) -> "SessionLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

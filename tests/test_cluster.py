@@ -328,6 +328,23 @@ def test_postgres_three_workers_one_killed_mid_trial(pg, fam, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_password_on_the_command_line_reaches_no_file_or_message(pg, fam, tmp_path):
+    """The README's URL form (plain postgresql://, which SQLAlchemy 2.1 reads as psycopg 3) works with what
+    [cluster] installs, and a password written into storage.url is masked in every file the run leaves."""
+    url = pg.create_database("cmdline").replace("postgresql+psycopg2://", "postgresql://")
+    env = {k: v for k, v in os.environ.items() if k != "EVOMERGE_STORAGE_URL"}
+    proc = subprocess.run([*APP, *_args(fam, 4, "storage=postgres", f"storage.url={url}", "worker=0"),
+                           f"hydra.run.dir={tmp_path / 'run'}", f"cluster.dir={tmp_path / 'shared'}"],
+                          capture_output=True, text=True, env={**env, "HYDRA_FULL_ERROR": "0"}, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert PASSWORD not in proc.stdout + proc.stderr and "storage.url holds a password" in proc.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "overrides.yaml" for p in written) and any(p.name == "summary.json" for p in written)
+    for path in written:
+        assert PASSWORD.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
 def test_journal_two_workers_one_killed_mid_trial(fam, tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     n = 24  # enough that the second worker joins before the first has run them all, on a loaded machine too

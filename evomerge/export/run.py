@@ -60,7 +60,7 @@ def scores_markdown(label: str, rec: dict[str, Any], search_limit: Any) -> str:
 
 def export_trial(genome: Any, trial: FrozenTrial, out_dir: Path, *, scores: dict[str, Any] | None, title: str,
                  search_limit: Any = None, model: bool = True, device: str = "auto", progress: bool = True,
-                 fused: bool | str = "auto") -> Path:
+                 fused: bool | str = "auto", trust_remote_code: bool = False) -> Path:
     """``out_dir/recipe.yaml`` and (``model``) ``out_dir/model/`` with a model card stating the scores.
 
     ``fused``: the kernel of the engine that scored the trial ("auto": the engine's own rule for this
@@ -78,6 +78,7 @@ def export_trial(genome: Any, trial: FrozenTrial, out_dir: Path, *, scores: dict
     if model:  # an earlier export is replaced whole once the new one is complete, card included
         sections = scores_markdown(title, scores, search_limit) if scores else ""
         merge_to_dir(recipe, out_dir / "model", device=device, progress=progress, fused=fused,
+                     trust_remote_code=trust_remote_code,
                      card=model_card(recipe, title=title, sections=sections))
     return out_dir
 

@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from evomerge.errors import ConfigError, EvomergeError, user_errors
+from evomerge.search.secrets import mask, mask_log_records, scrub_hydra_files, url_secrets
 
 
 def _conf_dir() -> str:
@@ -105,6 +106,7 @@ def _check_globals(raw: dict[str, Any]) -> None:
 def _app(cfg: DictConfig) -> None:
     _quiet()
     _sigterm_as_interrupt()
+    secrets = _scrub_secrets(cfg)
     with user_errors("evomerge"):
         try:
             summary = run(cfg)
@@ -115,6 +117,13 @@ def _app(cfg: DictConfig) -> None:
             print("\nevomerge: interrupted before the outputs were written; rerun the same command to "
                   "resume and finish.", file=sys.stderr)
             raise SystemExit(130) from None
+        except Exception as exc:  # an unexpected error: shown as Hydra would, but never with a password
+            if not secrets:
+                raise
+            import traceback
+
+            print(mask("".join(traceback.format_exception(exc)), secrets), file=sys.stderr)
+            raise SystemExit(1) from None
     if summary.get("interrupted"):
         raise SystemExit(130)  # outputs are written, but the budget is not spent: tell scripts so
 
@@ -129,15 +138,34 @@ def _drop_empty_run_dir() -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
     except Exception:  # noqa: BLE001
         return
-    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix in (".log", ".session") for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
         parent = run_dir.parent
         if parent.name in ("runs", "multirun") and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
 
 
+def _scrub_secrets(cfg: DictConfig) -> list[str]:
+    """A password given in ``storage.url`` is masked in the run folder's Hydra records (written before this
+    code runs) and in what the process shows; returns it, for masking errors."""
+    from hydra.core.hydra_config import HydraConfig
+
+    secrets = url_secrets({"storage": OmegaConf.to_container(cfg.get("storage") or {}, resolve=False)})
+    if secrets:
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        sweep = Path(str(hc.sweep.dir)) if hc.mode == RunMode.MULTIRUN else None
+        scrub_hydra_files(Path(hc.runtime.output_dir), secrets, sweep)
+        print("evomerge: warning: storage.url holds a password; it is masked in the run folder, but the shell "
+              "history and the process list still show it. Use ~/.pgpass, PGPASSWORD or $EVOMERGE_STORAGE_URL.",
+              file=sys.stderr)
+    return secrets
+
+
 def main() -> None:
     """Console entry point (``evomerge``)."""
+    mask_log_records()
     _app()
 
 

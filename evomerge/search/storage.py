@@ -51,12 +51,78 @@ def _rdb(url: str, cfg: dict[str, Any], failed_trial_callback: Any) -> optuna.st
     return storage
 
 
-def _sqlite(cfg: dict[str, Any], run_dir: Path, cb: Any) -> optuna.storages.BaseStorage:
-    path = Path(cfg.get("path") or "study.db")
-    if not path.is_absolute():
-        path = run_dir / path
+_DEFAULT_FILES = {"sqlite": "study.db", "journal": "study.journal"}
+
+
+def study_file(cfg: dict[str, Any], run_dir: Path) -> Path | None:
+    """The file a file storage keeps the study in (relative paths are inside the run directory); None for a
+    server."""
+    default = _DEFAULT_FILES.get(cfg.get("kind", "sqlite"))
+    if default is None:
+        return None
+    path = Path(cfg.get("path") or default).expanduser()
+    return (path if path.is_absolute() else run_dir / path).resolve()
+
+
+def session_lock(cfg: dict[str, Any], run_dir: Path, study_name: str, *, shared: bool) -> Any:
+    """The lock every process of a study on a file storage holds while it runs (see :class:`SessionLock`);
+    a no-op context for PostgreSQL, whose workers coordinate through the server."""
+    from contextlib import nullcontext
+
+    from evomerge.locks import SessionLock
+
+    path = study_file(cfg, run_dir)
+    if path is None:
+        return nullcontext()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _rdb(f"sqlite:///{path.resolve()}", cfg, cb)
+    return SessionLock(path.with_name(f"{path.name}.session"), shared=shared,
+                       what=f"study {study_name!r} in {path}")
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """An existing study file that is not SQLite is an error, never a fresh start over it. (An empty file is
+    how SQLite starts a database; where a study was expected, the session refuses it: ``expect_study``.)"""
+    if not path.exists():
+        return
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        raise ConfigError(f"storage: cannot read {path}: {exc.strerror}; check its permissions.") from None
+    if head and head != b"SQLite format 3\x00":
+        raise ConfigError(
+            f"storage: {path} is not an SQLite database, so the study it held cannot be read; evomerge will not "
+            f"start a new study over "
+            f"it. Restore the file from a backup, or move it away to start afresh (or set storage.path / "
+            f"hydra.run.dir for a new study elsewhere).")
+
+
+def expect_study(storage: optuna.storages.BaseStorage, study_name: str, run_dir: Path) -> None:
+    """Refuse to start ``study_name`` afresh where the run directory holds its results (``summary.json``) but
+    the storage has no such study: the study file was emptied, replaced or lost, and a new study would
+    overwrite ``best/`` and ``summary.json`` with a search that knows nothing of the finished trials."""
+    import json
+
+    summary = run_dir / "summary.json"
+    try:
+        recorded = json.loads(summary.read_text()).get("study")
+    except (OSError, ValueError, AttributeError):
+        return
+    if recorded != study_name or study_name in optuna.get_all_study_names(storage):
+        return
+    raise ConfigError(
+        f"{summary} records a finished search of study {study_name!r}, but its storage ({storage_url(storage)}) "
+        f"holds no such study: the study file was emptied, replaced or lost, and starting anew would overwrite that "
+        f"search's best/ and summary.json. Restore the study file, or start a new study elsewhere "
+        f"(hydra.run.dir=... or study_name=...).")
+
+
+def _sqlite(cfg: dict[str, Any], run_dir: Path, cb: Any) -> optuna.storages.BaseStorage:
+    path = study_file({**cfg, "kind": "sqlite"}, run_dir)
+    assert path is not None
+    _check_sqlite_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _rdb(f"sqlite:///{path}", cfg, cb)
 
 
 def _journal(cfg: dict[str, Any], run_dir: Path, cb: Any) -> optuna.storages.BaseStorage:
@@ -65,13 +131,12 @@ def _journal(cfg: dict[str, Any], run_dir: Path, cb: Any) -> optuna.storages.Bas
 
     from evomerge.search.cluster.storage import journal_backend, journal_storage
 
-    path = Path(cfg.get("path") or "study.journal")
-    if not path.is_absolute():
-        path = run_dir / path
+    path = study_file({**cfg, "kind": "journal"}, run_dir)
+    assert path is not None
     path.parent.mkdir(parents=True, exist_ok=True)
     if cfg.get("heartbeat_interval"):  # workers share the file: dead ones are found by heartbeat (README, cluster)
-        return journal_storage(path.resolve(), cfg, cb)
-    return JournalStorage(journal_backend(path.resolve()))
+        return journal_storage(path, cfg, cb)
+    return JournalStorage(journal_backend(path))
 
 
 def _postgres(cfg: dict[str, Any], run_dir: Path, cb: Any) -> optuna.storages.BaseStorage:

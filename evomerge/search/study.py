@@ -35,6 +35,7 @@ class SearchSession:
         self.multi_objective = multi_objective
         self.progress = bool(raw.get("progress", True))
         self.timings: dict[str, Any] = {}
+        self.trust_remote_code = bool(raw.get("trust_remote_code", False))  # model-directory code runs only if set
         self.engine: Any = None  # the prepared merge, once a candidate needed it (its kernel choice is the export's)
 
     def _timed(self, key: str, start: float) -> None:
@@ -67,13 +68,13 @@ class SearchSession:
                            genome=self.genome, n_trials=spec.n_trials, sampler=raw["sampler"], seed=int(raw.get("seed", 0)))
 
     def _evaluator(self) -> Any:
-        from transformers import AutoTokenizer
-
+        from evomerge.checkpoints.tokenizer import load_tokenizer
         from evomerge.evaluation import Evaluator
 
         tok_dir = self.models.tokenizer or self.models.base or next(iter(self.sources.values()))
         self.tokenizer_dir = tok_dir
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        tokenizer = load_tokenizer(tok_dir, trust_remote_code=self.trust_remote_code,
+                                   how_to_trust="trust_remote_code=true")
         return Evaluator(tokenizer, list(self.tasks.tasks), include_paths=self.models.task_dirs,
                          batch_size=int(self.raw["batch_size"]), device=str(self.device),
                          max_gen_toks=self.raw.get("max_gen_toks"), splits=self.tasks.split_plan(int(self.raw.get("seed", 0))),
@@ -213,7 +214,7 @@ class SearchSession:
         recipe = self.genome.recipe(self.genome.baselines()["textbook"])
         self.engine = PreparedMerge(recipe, device=str(self.device), memory=self.raw.get("memory", "auto"),
                                     model_dtype=dtype, progress=self.progress, device_map=self.raw.get("device_map"),
-                                    max_memory=self.raw.get("max_memory"))
+                                    max_memory=self.raw.get("max_memory"), trust_remote_code=self.trust_remote_code)
         return self.engine
 
     def _outputs(self, study: optuna.Study, final: FinalResult, interrupted: bool) -> dict[str, Any]:
@@ -227,7 +228,8 @@ class SearchSession:
             export_trial(self.genome, by_number[best.number], run_dir / "best", scores=best.as_dict(),
                          title=f"evomerge {self.spec.name}: {best.label}", search_limit=self.spec.limit,
                          model=bool(self.raw["final"].get("export_model", True)), device=str(self.device),
-                         progress=False, fused=self.engine.fused if self.engine is not None else "auto")
+                         progress=False, fused=self.engine.fused if self.engine is not None else "auto",
+                         trust_remote_code=self.trust_remote_code)
         for n in final.front:
             export_trial(self.genome, by_number[n], run_dir / "pareto" / f"trial_{n}", scores=None,
                          title=f"trial {n}", model=False)

@@ -28,7 +28,7 @@ from evomerge.search.cluster import final as final_claim
 from evomerge.search.cluster.budget import ClusterLoop, tally
 from evomerge.search.cluster.storage import postgres_url, study_mutex
 from evomerge.search.fitness import TaskSpec
-from evomerge.search.storage import heartbeat_enabled, make_storage, storage_url
+from evomerge.search.storage import heartbeat_enabled, make_storage, session_lock, storage_url
 from evomerge.search.study import SearchSession, _print_summary
 
 SHARED_KINDS = ("postgres", "journal", "sqlite")
@@ -141,6 +141,12 @@ class ClusterSession(SearchSession):
             self.raw["device"] = f"cuda:{index % n}"
 
     def run(self) -> dict[str, Any]:
+        """The worker's share of the search, holding the study's session lock shared (with the other workers;
+        a single-process search on the same study file is refused, and refuses them)."""
+        with session_lock(storage_cfg(self.raw), self.run_dir, str(self.raw["study_name"]), shared=True):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         self._pick_device()
         self._setup()
         # each worker's sampler gets a seed of its own, or every worker would propose the same candidates;

@@ -83,7 +83,17 @@ def postgres_url(cfg: dict[str, Any]) -> str:
         url = "postgresql://" + url[len("postgres://"):]
     if not url.startswith("postgresql"):
         raise ConfigError(f"storage.url = {mask_url(url)!r} is not a PostgreSQL URL (postgresql://USER@HOST:PORT/DB).")
+    if url.startswith("postgresql://"):
+        url = "postgresql+" + _installed_driver() + url[len("postgresql"):]
     return url
+
+
+def _installed_driver() -> str:
+    """The driver a plain ``postgresql://`` URL means here: SQLAlchemy 2.1 takes it for psycopg 3, while the
+    ``[cluster]`` extra installs psycopg2; whichever is installed serves (psycopg 3 first)."""
+    import importlib.util
+
+    return "psycopg" if importlib.util.find_spec("psycopg") is not None else "psycopg2"
 
 
 def password_free(url: str) -> str:
@@ -129,11 +139,15 @@ def postgres_storage(cfg: dict[str, Any], failed_trial_callback: StaleCallback |
     if hb:
         kwargs.update(heartbeat_interval=int(hb), grace_period=_int_or_none(cfg.get("grace_period")))
         kwargs[_callback_kwarg()] = failed_trial_callback
-    try:
-        import psycopg2  # noqa: F401
-    except ImportError:
-        raise ConfigError("storage=postgres needs the PostgreSQL driver: pip install 'evomerge[cluster]' "
-                          "(psycopg2-binary).") from None
+    import importlib.util
+
+    from sqlalchemy.engine import make_url
+
+    driver = make_url(url).get_driver_name()
+    if importlib.util.find_spec(driver) is None:
+        raise ConfigError(f"storage=postgres: the URL names the driver {driver!r}, which is not installed: "
+                          f"pip install 'evomerge[cluster]' (psycopg2-binary), or write the URL as "
+                          f"postgresql://USER@HOST:PORT/DB to use whichever driver is installed.")
     try:
         with _session_lock(url, "schema"):  # concurrent first-time CREATE TABLEs race in PostgreSQL
             return optuna.storages.RDBStorage(url, **kwargs)
