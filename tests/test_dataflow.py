@@ -91,6 +91,7 @@ def test_stack_recipe_groups_runs_and_scales_the_output_projections(tiny_zoo):
     ({"frankenmerge": ["add"]}, "search.frankenmerge"),
     ({"n_trials": 0}, "search.n_trials"),
     ({"pruning": {"keep": 120}}, "search.pruning.keep"),
+    ({"parameter_space": {"n_trials": 4}}, "search.parameter_space"),
 ])
 def test_bad_dataflow_configs_are_one_clear_error(over, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -230,3 +231,30 @@ def test_search_runs_end_to_end_and_exports_the_scored_stack(tiny_zoo, tmp_path)
     engine.apply(recipe)  # the scored stack, rebuilt from the exported recipe, is the exported model
     assert torch.equal(_logits(engine.model), _logits(_load(run_dir / "best" / "model")))
     assert "p0.l0.add" in (run_dir / "trials.csv").read_text().splitlines()[0]
+
+
+def test_parameter_space_search_must_be_a_parameter_space_config(tmp_path):
+    from evomerge.search.dataflow import run_parameter_space
+
+    with pytest.raises(ConfigError, match="no search config"):
+        run_parameter_space({"study_name": "x"}, tmp_path, None, {"search": "no_such_search"})
+    with pytest.raises(ConfigError, match="itself a data-flow search"):
+        run_parameter_space({"study_name": "x"}, tmp_path, None, {"search": "dataflow_math"})
+
+
+@pytest.mark.slow
+def test_ps_then_dfs_from_one_command(tiny_zoo, tmp_path):
+    """The parameter-space search runs first; its exported winner is the data-flow search's source `ps`."""
+    run_dir = tmp_path / "run"
+    args = ["+search=dataflow_math", "search.parameter_space={search: ties_math, n_trials: 4, limit: 20}",
+            "search.n_trials=5", "search.limit=20", "progress=false", "final.top_k=1", "final.score_cache=null",
+            f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run([sys.executable, "-m", "evomerge.search.app", *args], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ps = json.loads((run_dir / "parameter_space" / "summary.json").read_text())
+    dfs = json.loads((run_dir / "summary.json").read_text())
+    assert ps["method"] == "ties" and ps["trials"]["finished"] == 4
+    assert dfs["sources"] == ["add", "sub", "ps"] and "alone:ps" in dfs["baselines"]
+    # the PS winner, loaded from its export into the stack, scores on test what the PS search recorded for it
+    assert dfs["baselines"]["alone:ps"]["test_fitness"] == ps["best"]["test_fitness"]

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from optuna.distributions import BaseDistribution, FloatDistribution
@@ -50,7 +51,8 @@ from evomerge.search.spec import SearchSpec, parse_search
 
 SPACE = "dataflow"
 SCALED = ("self_attn.o_proj", "mlp.down_proj")  # the layer's writes into the residual stream
-KEYS = {"space", "repeats", "scale", "logit", "frankenmerge"}
+KEYS = {"space", "repeats", "scale", "logit", "frankenmerge", "parameter_space"}
+PS_SOURCE = "ps"  # the source name of the parameter-space winner in a combined search
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class DataflowSpec:
     scale: tuple[float, float] | None        # bounds of the per-slot scale; None: every scale is 1
     logit: float
     frankenmerge: tuple[str, str] | None     # the hand-set baseline's two sources (None: the first two)
+    parameter_space: dict[str, Any] | None = None  # PS-then-DFS: {search: NAME, **overrides} run first
 
     def __getattr__(self, name: str) -> Any:  # the session reads n_trials, limit, pruning, ... from either spec
         if name == "common":
@@ -104,13 +107,19 @@ def parse_dataflow(cfg: dict[str, Any]) -> DataflowSpec:
     fm = own.get("frankenmerge")
     if fm is not None and (not isinstance(fm, list) or len(fm) != 2 or not all(isinstance(x, str) for x in fm)):
         raise ConfigError(f"search.frankenmerge = {fm!r}: two source names (the hand-set interleaved baseline), or null.")
+    ps = own.get("parameter_space")
+    if isinstance(ps, str):
+        ps = {"search": ps}
+    if ps is not None and (not isinstance(ps, dict) or not isinstance(ps.get("search"), str)):
+        raise ConfigError(f"search.parameter_space = {ps!r}: null, or the parameter-space search to run first (a "
+                          f"conf/search name such as ties_math, or {{search: ties_math, n_trials: 40}} with overrides).")
     rest = {k: v for k, v in cfg.items() if k not in KEYS}
     if rest.get("method", "passthrough") != "passthrough" or rest.get("genes"):
         raise ConfigError("a data-flow search (space: dataflow) builds passthrough stacks: drop search.method and "
                           "search.genes (its genes are the slots' logits and scales).")
     rest.update(method="passthrough", genes={"scale": {"low": 0.0, "high": 2.0}}, name=rest.get("name") or SPACE)
     common = parse_search(rest)
-    return DataflowSpec(common, repeats, bounds, float(logit), None if fm is None else (fm[0], fm[1]))
+    return DataflowSpec(common, repeats, bounds, float(logit), None if fm is None else (fm[0], fm[1]), ps)
 
 
 class DataflowGenome:
@@ -238,6 +247,40 @@ def stack_recipe(stack: list[Slot], sources: dict[str, str], *, seed: int = 0, s
             "scale": [*({"filter": f, "value": x.scale} for f in SCALED), {"value": 1.0}]}
         slices.append(Slice([Source(sources[x.source], params, (x.layer, run[-1].layer + 1))]))
     return Recipe(merge_method="passthrough", slices=slices, dtype="float32", seed=seed, source_file=source_file)
+
+
+def run_parameter_space(raw: dict[str, Any], run_dir: Path, tasks: Any, ps: dict[str, Any]) -> str:
+    """PS-then-DFS: run the parameter-space search ``ps`` names (its own study in ``run_dir/parameter_space``,
+    resumed like any study) and return its exported winner's model directory, the data-flow search's ``ps`` source.
+
+    Why a nested session and not a second command: the winner's directory, the tasks and the models are then
+    the data-flow search's own, and rerunning the one command resumes whichever of the two was unfinished.
+    """
+    import time
+
+    from omegaconf import OmegaConf
+
+    from evomerge.search.study import SearchSession  # the session runs us: import here, no cycle
+
+    path = Path(__file__).resolve().parent.parent / "conf" / "search" / f"{ps['search']}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"search.parameter_space.search = {ps['search']!r}: no search config {path}; name one of "
+                          f"{', '.join(sorted(p.stem for p in path.parent.glob('*.yaml')))}.")
+    loaded = OmegaConf.load(path)
+    if is_dataflow(OmegaConf.to_container(loaded)):  # type: ignore[arg-type]
+        raise ConfigError(f"search.parameter_space.search = {ps['search']!r} is itself a data-flow search; name a "
+                          f"parameter-space one (ties_math, dare_ties_math, ...).")
+    root = OmegaConf.create({k: v for k, v in raw.items() if k != "search"})
+    root.search = OmegaConf.merge(loaded, {k: v for k, v in ps.items() if k != "search"})
+    ps_raw = OmegaConf.to_container(root, resolve=True)
+    ps_raw["study_name"] = f"{raw['study_name']}-{ps['search']}"  # type: ignore[index]
+    ps_raw["final"] = {**ps_raw["final"], "export_model": True}  # type: ignore[index,dict-item]
+    ps_dir = run_dir / "parameter_space"
+    SearchSession(ps_raw, ps_dir, tasks, multi_objective=False, t0=time.perf_counter()).run()  # type: ignore[arg-type]
+    model = ps_dir / "best" / "model"
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"the parameter-space search in {ps_dir} exported no winner model; see its report.md.")
+    return str(model.resolve())
 
 
 def _r(v: Any) -> float:
