@@ -35,6 +35,7 @@ class SearchSession:
         self.multi_objective = multi_objective
         self.progress = bool(raw.get("progress", True))
         self.timings: dict[str, Any] = {}
+        self.trust_remote_code = bool(raw.get("trust_remote_code", False))  # model-directory code runs only if set
         self.engine: Any = None  # the prepared merge, once a candidate needed it (its kernel choice is the export's)
 
     def _timed(self, key: str, start: float) -> None:
@@ -73,18 +74,19 @@ class SearchSession:
                            genome=self.genome, n_trials=spec.n_trials, sampler=raw["sampler"], seed=int(raw.get("seed", 0)))
 
     def _evaluator(self) -> Any:
-        from transformers import AutoTokenizer
-
+        from evomerge.checkpoints.tokenizer import load_tokenizer
         from evomerge.evaluation import Evaluator
 
         tok_dir = self.models.tokenizer or self.models.base or next(iter(self.sources.values()))
         self.tokenizer_dir = tok_dir
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        tokenizer = load_tokenizer(tok_dir, trust_remote_code=self.trust_remote_code,
+                                   how_to_trust="trust_remote_code=true")
         return Evaluator(tokenizer, list(self.tasks.tasks), include_paths=self.models.task_dirs,
                          batch_size=int(self.raw["batch_size"]), device=str(self.device),
                          max_gen_toks=self.raw.get("max_gen_toks"), splits=self.tasks.split_plan(int(self.raw.get("seed", 0))),
                          apply_chat_template=self.tasks.apply_chat_template,
-                         fewshot_as_multiturn=self.tasks.fewshot_as_multiturn)
+                         fewshot_as_multiturn=self.tasks.fewshot_as_multiturn,
+                         backend=str(self.raw.get("evaluator", "fast")))
 
     def _study_meta(self) -> dict[str, Any]:
         lay = self.genome.layout
@@ -200,6 +202,7 @@ class SearchSession:
             root = cache_root() / "scores"
         context = {"tasks": _fitness_key(self.tasks, self.objectives, None), "eval_dtype": self.raw["eval_dtype"],
                    "batch_size": self.raw["batch_size"], "max_gen_toks": self.raw.get("max_gen_toks"),
+                   "evaluator": self.raw.get("evaluator", "fast"),
                    "device": getattr(self.device, "type", str(self.device)),
                    "items": self.scorer.evaluator.splits.digest()}
         return ScoreCache(root, context, self.models.task_dirs, tokenizer_dir=self.tokenizer_dir)
@@ -217,7 +220,7 @@ class SearchSession:
         recipe = self.genome.recipe(self.genome.baselines()["textbook"])
         self.engine = PreparedMerge(recipe, device=str(self.device), memory=self.raw.get("memory", "auto"),
                                     model_dtype=dtype, progress=self.progress, device_map=self.raw.get("device_map"),
-                                    max_memory=self.raw.get("max_memory"))
+                                    max_memory=self.raw.get("max_memory"), trust_remote_code=self.trust_remote_code)
         return self.engine
 
     def _outputs(self, study: optuna.Study, final: FinalResult, interrupted: bool) -> dict[str, Any]:
@@ -231,7 +234,8 @@ class SearchSession:
             export_trial(self.genome, by_number[best.number], run_dir / "best", scores=best.as_dict(),
                          title=f"evomerge {self.spec.name}: {best.label}", search_limit=self.spec.limit,
                          model=bool(self.raw["final"].get("export_model", True)), device=str(self.device),
-                         progress=False, fused=self.engine.fused if self.engine is not None else "auto")
+                         progress=False, fused=self.engine.fused if self.engine is not None else "auto",
+                         trust_remote_code=self.trust_remote_code)
         for n in final.front:
             export_trial(self.genome, by_number[n], run_dir / "pareto" / f"trial_{n}", scores=None,
                          title=f"trial {n}", model=False)
