@@ -295,6 +295,8 @@ def test_command_line_forms_from_the_readme(tmp_path):
     assert spec.splits["gsm8k"].overrides["dataset_kwargs"]["data_files"]["test"] == f"{data}/test.jsonl"
     chosen = parse_tasks(_composed("tasks=user_example", "tasks.tasks={my_task: {acc: 1.0}}")["tasks"])
     assert chosen.tasks == {"my_task": {"acc": 1.0}}  # the example group's tasks are null: the override replaces
+    replaced = parse_tasks(_composed("tasks=gsm8k_local", "~tasks.tasks", "+tasks.tasks={other: {acc: 1.0}}")["tasks"])
+    assert replaced.tasks == {"other": {"acc": 1.0}}  # a file's tasks: delete, then add
 
 
 # ---- end to end: a short search on the tiny zoo with the README's example ------------------------------
