@@ -231,6 +231,9 @@ def test_search_runs_end_to_end_and_exports_the_scored_stack(tiny_zoo, tmp_path)
     engine.apply(recipe)  # the scored stack, rebuilt from the exported recipe, is the exported model
     assert torch.equal(_logits(engine.model), _logits(_load(run_dir / "best" / "model")))
     assert "p0.l0.add" in (run_dir / "trials.csv").read_text().splitlines()[0]
+    report = (run_dir / "report.md").read_text()  # the chosen stack, drawn and tabled
+    assert f"The winner has {n} layers." in report and (run_dir / "layers.png").is_file()
+    assert len(summary["layer_sequence"]) == n
 
 
 def test_parameter_space_search_must_be_a_parameter_space_config(tmp_path):

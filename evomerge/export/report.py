@@ -97,6 +97,29 @@ def plot_heatmap(table: dict[str, list[float]], path: Path, title: str) -> Path:
     return path
 
 
+def plot_layer_sequence(seq: list[dict[str, Any]], path: Path) -> Path:
+    """A data-flow winner's stack: the source layer (y) at each output depth (x), one colour per source,
+    the marker's area its scale (labelled where it is not 1)."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.4 * len(seq) + 2), 3.4))
+    ax.plot([r["out"] for r in seq], [r["layer"] for r in seq], color="0.75", lw=0.8, zorder=0)
+    for i, source in enumerate(dict.fromkeys(r["source"] for r in seq)):
+        pts = [r for r in seq if r["source"] == source]
+        ax.scatter([r["out"] for r in pts], [r["layer"] for r in pts], s=[60 * r["scale"] for r in pts],
+                   color=f"C{i}", label=source)
+    for r in seq if len(seq) <= 60 else []:
+        if r["scale"] != 1.0:
+            ax.annotate(f"{r['scale']:.2f}", (r["out"], r["layer"]), textcoords="offset points", xytext=(0, 7),
+                        ha="center", fontsize=6)
+    ax.set_xlabel("output layer")
+    ax.set_ylabel("source layer")
+    ax.set_title("Winner: layer sequence (marker area: scale of o_proj / down_proj)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_importances(study: optuna.Study, path: Path, top: int = 20) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -162,6 +185,13 @@ def write_report(run_dir: Path, study: optuna.Study, summary: dict[str, Any], wi
         lines.append(f"| {label} | {_f(r.get('search_fitness'))} | {_f(r.get('search_full_fitness'))} | {_f(r.get('test_fitness'))} |")
     lines.append("")
     plots: list[tuple[str, Any]] = [("history.png", lambda p: plot_history(study, p))]
+    seq = summary.get("layer_sequence")
+    if seq:  # a data-flow search: the winner's stack as a table and a plot
+        lines += ["## Layer sequence", "", f"The winner has {len(seq)} layers.", "",
+                  "| output layer | source | source layer | scale |", "|---|---|---|---|"]
+        lines += [f"| {r['out']} | {r['source']} | {r['layer']} | {r['scale']:g} |" for r in seq]
+        lines.append("")
+        plots.append(("layers.png", lambda p: plot_layer_sequence(seq, p)))
     if winner_table:
         plots.append(("winner_genes.png", lambda p: plot_heatmap(winner_table, p, "Winner: per-layer genes")))
     plots.append(("importances.png", lambda p: plot_importances(study, p)))

@@ -174,11 +174,8 @@ class DataflowGenome:
                             source_file=f"search {self.spec.name}")
 
     def per_layer_table(self, params: dict[str, Any]) -> dict[str, list[float]]:
-        """Per output layer: the source layer each source supplies (-1: another source's) and the scale."""
-        seq = self.decode(params)
-        rows = {f"{s}.layer": [float(x.layer) if x.source == s else -1.0 for x in seq] for s in self.sources}
-        rows["slot.scale"] = [x.scale for x in seq]
-        return rows
+        """No per-layer gene heatmap: the report draws the layer sequence (:meth:`sequence`) instead."""
+        return {}
 
     def sequence(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         """The decoded stack as rows (output layer, source, source layer, scale), for the report."""

@@ -215,7 +215,8 @@ class SearchSession:
         if isinstance(self.genome, DataflowGenome):  # no merge kernel: the live model is re-wired per candidate
             from evomerge.engine.stack import StackEngine
 
-            self.engine = StackEngine(list(self.sources.values()), device=str(self.device), model_dtype=dtype)
+            self.engine = StackEngine(list(self.sources.values()), device=str(self.device), model_dtype=dtype,
+                                      trust_remote_code=self.trust_remote_code)
             return self.engine
         recipe = self.genome.recipe(self.genome.baselines()["textbook"])
         self.engine = PreparedMerge(recipe, device=str(self.device), memory=self.raw.get("memory", "auto"),
@@ -256,6 +257,8 @@ class SearchSession:
             "top": [c.as_dict() for c in final.candidates], "pareto_front": final.front,
             "timings": self.timings,
         }
+        if best is not None and hasattr(self.genome, "sequence"):  # a data-flow winner: its layer stack, for the report
+            summary["layer_sequence"] = self.genome.sequence(best.params)
         table = None if best is None else self.genome.per_layer_table(best.params)
         report_start = time.perf_counter()
         write_report(run_dir, study, summary, table, self.objectives)
