@@ -234,6 +234,11 @@ def test_search_runs_end_to_end_and_exports_the_scored_stack(tiny_zoo, tmp_path)
     report = (run_dir / "report.md").read_text()  # the chosen stack, drawn and tabled
     assert f"The winner has {n} layers." in report and (run_dir / "layers.png").is_file()
     assert len(summary["layer_sequence"]) == n
+    base = summary["baselines"]["frankenmerge:add+sub"]["trial"]  # any trial exports later, from the study alone
+    proc = subprocess.run([sys.executable, "-m", "evomerge.export.cli", str(run_dir), "--trial", str(base),
+                           "--out", str(tmp_path / "fm")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "fm" / "model" / "config.json").read_text())["num_hidden_layers"] == 6
 
 
 def test_parameter_space_search_must_be_a_parameter_space_config(tmp_path):

@@ -31,6 +31,10 @@ def genome_from_study(study: optuna.Study) -> Any:
         raise EvomergeError(f"study {study.study_name!r} was not written by evomerge (no {STUDY_ATTR!r} attribute).")
     lay = info["layout"]
     layout = Layout(lay["n_layers"], tuple(lay["pre"]), tuple(lay["post"]), tuple(lay["layer_names"]))
+    from evomerge.search.dataflow import DataflowGenome, is_dataflow, parse_dataflow
+
+    if is_dataflow(info["search"]):  # a layer-stacking study (search/dataflow.py)
+        return DataflowGenome(parse_dataflow(info["search"]), info["sources"], layout, seed=info["seed"])
     return Genome(parse_search(info["search"]), info["sources"], info["base"], layout, seed=info["seed"])
 
 
