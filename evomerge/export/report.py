@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
@@ -110,6 +111,8 @@ def plot_layer_sequence(seq: list[dict[str, Any]], path: Path) -> Path:
         if r["scale"] != 1.0:
             ax.annotate(f"{r['scale']:.2f}", (r["out"], r["layer"]), textcoords="offset points", xytext=(0, 7),
                         ha="center", fontsize=6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("output layer")
     ax.set_ylabel("source layer")
     ax.set_title("Winner: layer sequence (marker area: scale of o_proj / down_proj)", fontsize=9)

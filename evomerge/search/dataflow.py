@@ -117,6 +117,8 @@ def parse_dataflow(cfg: dict[str, Any]) -> DataflowSpec:
     if rest.get("method", "passthrough") != "passthrough" or rest.get("genes"):
         raise ConfigError("a data-flow search (space: dataflow) builds passthrough stacks: drop search.method and "
                           "search.genes (its genes are the slots' logits and scales).")
+    # parse_search checks the shared keys (name, sources, n_trials, limit, pruning) with its messages; it wants a
+    # gene, so it gets passthrough's scale as a placeholder: the data-flow genes are DataflowGenome's own
     rest.update(method="passthrough", genes={"scale": {"low": 0.0, "high": 2.0}}, name=rest.get("name") or SPACE)
     common = parse_search(rest)
     return DataflowSpec(common, repeats, bounds, float(logit), None if fm is None else (fm[0], fm[1]), ps)
