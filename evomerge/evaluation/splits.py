@@ -328,7 +328,8 @@ def _partition(digests: list[str], p: Partition, where: str) -> tuple[list[int],
 def _seeded_shots(task: Any, pool: list[Any], seed: int) -> None:
     """Examples from ``pool`` only, never the item itself, drawn by a generator seeded per item."""
     sampler = task.sampler
-    sampler.df, sampler._loaded, sampler.fewshot_indices = list(pool), True, None
+    sampler.fewshot_indices = None  # the pool is final (lm-eval's indices, if any, were applied to it already)
+    sampler.replace_df(list(pool))
     current: dict[str, Any] = {}
     sample = sampler.sample
     context = task.fewshot_context

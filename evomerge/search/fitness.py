@@ -92,8 +92,8 @@ def parse_tasks(cfg: dict[str, Any] | None) -> TaskSpec:
     tasks: dict[str, dict[str, float]] = {}
     splits: dict[str, TaskSplits] = {}
     raw = cfg["tasks"]
-    if isinstance(raw, list):  # a bare list: each task's first metric (or tasks.metric), weight 1
-        raw = {t: ({cfg["metric"]: 1.0} if cfg.get("metric") else {}) for t in raw}
+    if isinstance(raw, list):  # a bare list: each task's first metric, weight 1
+        raw = {t: {} for t in raw}
     if not isinstance(raw, dict):
         raise ConfigError("tasks.tasks must map task names to {metric: weight} (or be a list of task names).")
     for task, entry in raw.items():
