@@ -4,7 +4,9 @@ Order matters and is deliberate: every check that needs no model (the search
 genome, task weights, sampler, storage, model paths) runs first, so a bad
 config fails in a second; then the zoo is built (first use only), the
 evaluator is built (an unknown task fails here, before any model is loaded);
-then models are loaded once and the study runs.
+then the checks that need the tasks' data, the tokenizers and the genome
+(evomerge/search/preflight.py: splits, metrics, tokenizer, sampler options,
+budget) run before a study exists; then models are loaded once and the study runs.
 """
 from __future__ import annotations
 
