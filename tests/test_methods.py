@@ -274,10 +274,16 @@ def test_magnitude_keeps_top_k_and_edge_densities():
         torch.testing.assert_close(sp.magnitude(t, 0.5).tensor, t * ref_topk_mask(t, 0.5), atol=0, rtol=0)
 
 
-def test_magnitude_exact_ties_at_threshold_keep_extra_entries():
+def test_magnitude_exact_ties_at_threshold_keep_k_in_torch_sort_order():
+    """k = 2 and three entries of magnitude 2: mergekit 0.1.5 keeps exactly k, those first in torch's
+    sort of |delta| (descending); the eager sparsifier makes the same pick, with or without sorted_abs."""
     d = torch.tensor([3.0, -2.0, 2.0, 2.0, 1.0, 0.5])
-    kept = sp.magnitude(d, 0.34).tensor  # k = 2, the 2nd largest |x| is 2 -> all three 2s survive
-    assert kept.tolist() == [3.0, -2.0, 2.0, 2.0, 0.0, 0.0]
+    want = torch.zeros_like(d)
+    top = torch.sort(d.abs(), descending=True).indices[:2]
+    want[top] = d[top]
+    for aux in (None, SparsifyAux(sorted_abs=torch.sort(d.abs()).values)):
+        kept = sp.magnitude(d, 0.34, aux=aux).tensor
+        assert torch.equal(kept, want) and int((kept != 0).sum()) == 2
 
 
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties"])

@@ -58,11 +58,13 @@ def test_per_layer_genes_give_exact_per_layer_values(family):
     p = _random_point(g)
     r = g.recipe(p)
     w = r.models[1].parameters["weight"]
-    assert isinstance(w, list) and len(w) == 4
+    layers = w[-1]["value"]  # the per-layer gradient; the edge tensors' values are stated by name before it
+    assert isinstance(layers, list) and len(layers) == 4
     for i in range(4):  # mergekit gradient: layer i at t = i / 3 gets element i exactly
         assert evaluate_setting(w, f"model.layers.{i}.mlp.up_proj.weight", i / 3) == pytest.approx(round(p[f"m1.weight.g{i}"], 6))
-    assert evaluate_setting(w, "model.embed_tokens.weight", 0.0) == w[0]  # edges: follow
-    assert evaluate_setting(w, "lm_head.weight", 1.0) == w[-1]
+    # edges: follow, stated explicitly (mergekit 0.1.5 reads every edge tensor at t = 0)
+    assert evaluate_setting(w, "model.embed_tokens.weight", 0.0) == layers[0]
+    assert evaluate_setting(w, "lm_head.weight", 0.0) == evaluate_setting(w, "model.norm.weight", 0.0) == layers[-1]
     assert r.base_model == family[0] and r.parameters == {"normalize": True}
 
 
@@ -71,9 +73,9 @@ def test_groups_global_interpolation(family):
     assert g2.dimension == 3 * 2 * 2
     p = {k: 0.5 for k in g2.distributions()}
     p["m0.weight.g0"], p["m0.weight.g1"] = 0.2, 0.8
-    assert g2.recipe(p).models[0].parameters["weight"] == [0.2, 0.2, 0.8, 0.8]
+    assert g2.recipe(p).models[0].parameters["weight"][-1]["value"] == [0.2, 0.2, 0.8, 0.8]
     gi = genome(family, layers_per_group=2, interpolate=True)  # centres at layers 0.5 and 2.5
-    w = gi.recipe(p).models[0].parameters["weight"]
+    w = gi.recipe(p).models[0].parameters["weight"][-1]["value"]
     assert w == pytest.approx([0.2, 0.35, 0.65, 0.8])
     gg = genome(family, layers_per_group="global")
     assert gg.dimension == 6 and "m0.weight" in gg.distributions()

@@ -1,4 +1,10 @@
-"""What both engines share: running one tensor job, and reproducible random draws.
+"""What both engines share: running one tensor job, its compute dtype, and reproducible random draws.
+
+Compute dtype (mergekit 0.1.5's rule, :func:`compute_dtype`): the recipe's ``dtype``, else the
+promoted stored dtype of the job's inputs; ``evomerge.compute_dtype`` overrides both. Inputs are
+rounded to it and the method's arithmetic runs in it, except for the methods mergekit computes in
+float32 whatever its inputs (:attr:`MergeMethod.float32_math`), which get float32 copies of the
+rounded inputs; the result is rounded to the compute dtype, then stored as ``out_dtype``.
 
 DARE and DELLA masks come from uniform draws that depend only on
 ``(seed, tensor name, model index)``, drawn on the CPU with a dedicated
@@ -13,6 +19,7 @@ import hashlib
 
 import torch
 
+from evomerge.checkpoints.writer import parse_dtype
 from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import MergeError
@@ -43,6 +50,7 @@ def run_job(
     out: torch.Tensor | None = None,
     fused: bool = False,
     checks: list[tuple[str, torch.Tensor]] | None = None,
+    round_to: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Resolve the job's parameters under ``recipe`` and run the method on float32 inputs.
 
@@ -50,7 +58,8 @@ def run_job(
     the method's one-pass kernel writes it directly (see :mod:`evomerge.methods.fused`).
     The result must be finite: checked here, or, when ``checks`` is given, the
     result's sum is appended to it for :func:`raise_if_not_finite` to check once for
-    a whole candidate (no host sync per tensor on a GPU).
+    a whole candidate (no host sync per tensor on a GPU). ``round_to``: the compute dtype, which a
+    result computed in float32 (:func:`math_dtype`) is rounded to before it is written to ``out``.
     """
     model_params, params = plan.resolve(job, recipe)
     inputs = MergeInputs(
@@ -61,6 +70,8 @@ def run_job(
         total = fused_kernels.merge_into(plan.method, inputs, out)
     else:
         result = plan.method.merge(inputs)
+        if round_to is not None and out is not None:
+            result = result.to(round_to)
         out = result if out is None else out.copy_(result)
         total = out.sum()
     if checks is None:
@@ -93,6 +104,43 @@ def random_aux(plan: MergePlan, job: TensorJob, seed: int, shape: torch.Size, de
     return [SparsifyAux(uniforms=uniforms(seed, job.out_name, i, shape).to(device)) for i in range(len(job.models))]
 
 
+def compute_dtype(recipe: Recipe, stored: list[torch.dtype]) -> torch.dtype:
+    """The dtype a job's inputs are rounded to (see the module docstring)."""
+    named = recipe.compute_dtype or recipe.dtype
+    if named is not None:
+        return parse_dtype(named, f"{recipe.source_file}: dtype")  # type: ignore[return-value]
+    out = stored[0]
+    for d in stored[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def math_dtype(plan: MergePlan, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the method's arithmetic runs in, given the compute dtype."""
+    return torch.float32 if plan.method.float32_math and dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def as_inputs(tensors: list[torch.Tensor], recipe: Recipe, plan: MergePlan,
+              device: torch.device) -> tuple[list[torch.Tensor], torch.dtype]:
+    """The job's stored tensors rounded to the compute dtype, in the method's math dtype; and the compute dtype."""
+    cdt = compute_dtype(recipe, [t.dtype for t in tensors])
+    mdt = math_dtype(plan, cdt)
+    return [t.to(device=device, dtype=cdt).to(mdt) for t in tensors], cdt
+
+
+def float32_math(plan: MergePlan) -> bool:
+    """Whether every job's arithmetic runs in float32 (what the compiled kernels compute in)."""
+    named = plan.recipe.compute_dtype or plan.recipe.dtype
+    if named is not None:
+        return math_dtype(plan, parse_dtype(named)) == torch.float32  # type: ignore[arg-type]
+    for job in plan.jobs:
+        refs = ([job.base] if job.base else []) + list(job.models)
+        stored = [plan.checkpoints[r].get(n).dtype for r, n in refs]
+        if math_dtype(plan, compute_dtype(plan.recipe, stored)) != torch.float32:
+            return False
+    return True
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,7 +159,13 @@ def choose_fused(plan: MergePlan, device: torch.device, fused: bool | str, input
     ``auto``: where the method has one and the inputs are large enough (or on a GPU) to repay the
     compile (~20 s the first time on a CPU, seconds once torch's on-disk cache holds it).
     """
-    ok = fused_kernels.fusable(plan.method)
+    ok = fused_kernels.fusable(plan.method) and float32_math(plan)
+    if fused and not float32_math(plan):
+        if fused == "auto":
+            return False
+        raise MergeError(f"{plan.recipe.source_file}: the fused kernels compute in float32 and this recipe's compute "
+                         f"dtype is {plan.recipe.compute_dtype or plan.recipe.dtype or 'the stored one'}; drop --fused, "
+                         f"or set 'evomerge: {{compute_dtype: float32}}' to compute in float32.")
     if fused == "auto":
         return ok and (device.type == "cuda" or input_bytes > FUSE_ABOVE_BYTES)
     if fused and not ok:

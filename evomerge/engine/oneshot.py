@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from evomerge.checkpoints.outdir import TOKENIZER_FILES, check_destination, side_files
 from evomerge.checkpoints.writer import dtype_name, parse_dtype, parse_size, write_model_dir
-from evomerge.engine.kernel import choose_fused, input_bytes, random_aux, resolve_device, run_job
+from evomerge.engine.kernel import as_inputs, choose_fused, input_bytes, random_aux, resolve_device, run_job
 from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
 from evomerge.export.card import model_card
@@ -42,17 +42,14 @@ def merged_tensors(plan: MergePlan, device: torch.device, dtype: torch.dtype, pr
     """
     recipe = plan.recipe
 
-    def load(ref_name: tuple[str, str]) -> torch.Tensor:
-        ref, name = ref_name
-        return plan.checkpoints[ref].get(name).to(device=device, dtype=torch.float32)
-
     def merge(job: TensorJob) -> torch.Tensor:
-        base = None if job.base is None else load(job.base)
-        models = [load(m) for m in job.models]
+        refs = ([job.base] if job.base else []) + list(job.models)
+        tensors, cdt = as_inputs([plan.checkpoints[r].get(n) for r, n in refs], recipe, plan, device)
+        base, models = (tensors[0], tensors[1:]) if job.base else (None, tensors)
         aux = random_aux(plan, job, recipe.seed, models[0].shape, device)
         out = torch.empty(models[0].shape, dtype=dtype, device=device) if fused else None
         out = run_job(plan, job, recipe, base=base, models=models, aux=aux, out=out, fused=fused)
-        return out.to(dtype).cpu()
+        return out.to(cdt).to(dtype).cpu()  # rounded to the compute dtype, then stored as out_dtype (mergekit)
 
     with tqdm(total=len(plan.jobs), desc="merging", unit="tensor", disable=not progress) as bar:
         yield from _in_order(plan.jobs, merge, workers if device.type == "cpu" else 1, bar)

@@ -21,6 +21,7 @@ from evomerge.methods import MergeMethod, get_method
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<suffix>.+)$")
 _PRE_MARKERS = ("embed", "wte", "wpe")
+_POST_MARKERS = ("lm_head", "embed_out")  # output heads (GPT-NeoX's is named embed_out)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,14 @@ class TensorJob:
 def layer_index(name: str) -> int | None:
     m = LAYER_RE.match(name)
     return int(m.group("idx")) if m else None
+
+
+def edge_tensors(names: list[str]) -> tuple[list[str], list[str]]:
+    """The non-layer tensors planned before the layers (embeddings) and after them (final norm, head),
+    as mergekit 0.1.5's architecture files list them for the architectures it knows."""
+    non_layer = [n for n in names if layer_index(n) is None]
+    pre = [n for n in non_layer if any(k in n for k in _PRE_MARKERS) and not any(k in n for k in _POST_MARKERS)]
+    return pre, [n for n in non_layer if n not in pre]
 
 
 def num_layers(ckpt: Checkpoint) -> int:
@@ -129,9 +138,7 @@ class MergePlan:
         jobs: list[TensorJob] = []
         first, last = self.slices[0], self.slices[-1]
         ref_ckpt = self.checkpoints[first.sources[0].model]
-        non_layer = [n for n in ref_ckpt.tensor_names() if layer_index(n) is None]
-        pre = [n for n in non_layer if any(k in n for k in _PRE_MARKERS)]
-        post = [n for n in non_layer if n not in pre]
+        pre, post = edge_tensors(ref_ckpt.tensor_names())
         for name in pre:
             jobs.append(self._job(name, 0.0, 0, first, lambda src, n=name: n))
         out_layer = 0
@@ -183,7 +190,8 @@ class MergePlan:
         if cfg.get("auto_map") and not self.trust_remote_code:
             raise CheckpointError(
                 f"{self.reference.path / 'config.json'} needs custom code (auto_map); evomerge never runs code "
-                f"from a model directory unless you pass --trust-remote-code."
+                f"from a model directory unless you allow it for this command (evomerge-merge --trust-remote-code; "
+                f"evomerge trust_remote_code=true). Read that code first."
             )
         return cfg
 

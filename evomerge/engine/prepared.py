@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from evomerge.engine import placement
-from evomerge.engine.kernel import choose_fused, input_bytes, random_aux, raise_if_not_finite, resolve_device, run_job
+from evomerge.engine.kernel import (as_inputs, choose_fused, input_bytes, random_aux, raise_if_not_finite, resolve_device,
+                                    run_job)
 from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import MergeError
@@ -113,6 +114,7 @@ class PreparedMerge:
         self.memory = self._choose_memory(memory)
         self._needs_base = self.plan.method.needs_base
         self._resident: dict[str, _Resident] = {}
+        self._compute: dict[str, torch.dtype] = {}  # each job's compute dtype (its result is rounded to it)
         if self.memory != "disk":
             for job in tqdm(self.plan.jobs, desc="preparing", unit="tensor", disable=not progress):
                 self._resident[job.out_name] = self._prepare(job)
@@ -142,19 +144,20 @@ class PreparedMerge:
             return "host" if need < host_free else "disk"
         return "device" if need < host_free else "disk"
 
-    def _load(self, ref_name: tuple[str, str], device: torch.device) -> torch.Tensor:
-        ref, name = ref_name
-        src = self.plan.checkpoints[ref].get(name)
-        t = src.to(device=device, dtype=torch.float32)
-        # A float32 tensor comes back as a copy-on-write view of the mapped file; the engine writes into
-        # its copy (task vectors are formed in place), and a private copy is much faster to write than COW pages.
-        return t.clone() if t.data_ptr() == src.data_ptr() else t
+    def _load(self, job: TensorJob, device: torch.device) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The job's base and models, rounded to the compute dtype, as private copies in the math dtype."""
+        refs = ([job.base] if job.base else []) + list(job.models)
+        srcs = [self.plan.checkpoints[r].get(n) for r, n in refs]
+        tensors, self._compute[job.out_name] = as_inputs(srcs, self.recipe, self.plan, device)
+        # A tensor already in the right dtype comes back as a copy-on-write view of the mapped file; the engine
+        # writes into its copy (task vectors are formed in place), and a private copy is much faster to write.
+        tensors = [t.clone() if t.data_ptr() == s.data_ptr() else t for t, s in zip(tensors, srcs)]
+        return (tensors[0], tensors[1:]) if job.base else (None, tensors)
 
     def _prepare(self, job: TensorJob) -> _Resident:
         where = self._device[job.out_name]
         dev = where if self.memory == "device" else torch.device("cpu")
-        base = None if job.base is None else self._load(job.base, dev)
-        inputs = [self._load(m, dev) for m in job.models]
+        base, inputs = self._load(job, dev)
         if self._needs_base:
             assert base is not None
             inputs = [x.sub_(base) for x in inputs]  # task vectors, in place: no second copy
@@ -233,9 +236,7 @@ class PreparedMerge:
         return base, inputs, aux
 
     def _prepare_on_the_fly(self, job: TensorJob) -> _Resident:
-        dev = self._device[job.out_name]
-        base = None if job.base is None else self._load(job.base, dev)
-        inputs = [self._load(m, dev) for m in job.models]
+        base, inputs = self._load(job, self._device[job.out_name])
         if self._needs_base:
             inputs = [x.sub_(base) for x in inputs]
         return _Resident(base=base, inputs=inputs)
@@ -270,7 +271,8 @@ class PreparedMerge:
             base, inputs, aux = self._inputs(job, recipe)
             views = {"deltas": inputs} if self._needs_base else {"models": inputs}
             try:
-                run_job(self.plan, job, recipe, base=base, aux=aux, out=param, fused=self.fused, checks=checks, **views)
+                run_job(self.plan, job, recipe, base=base, aux=aux, out=param, fused=self.fused, checks=checks,
+                        round_to=self._compute.get(job.out_name), **views)
             except MergeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a compiler failure falls back to eager torch
@@ -278,7 +280,8 @@ class PreparedMerge:
                     raise
                 warnings.warn(f"fused merge kernel unavailable ({type(exc).__name__}: {exc}); using eager torch")
                 self.fused = False
-                run_job(self.plan, job, recipe, base=base, aux=aux, out=param, checks=checks, **views)
+                run_job(self.plan, job, recipe, base=base, aux=aux, out=param, checks=checks,
+                        round_to=self._compute.get(job.out_name), **views)
         raise_if_not_finite(checks, recipe)  # also waits for the device's queued kernels
         return ApplyTiming(seconds=time.perf_counter() - start, tensors=len(self._params))
 

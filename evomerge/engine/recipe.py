@@ -13,9 +13,16 @@ a list of numbers interpolated across a slice's layers ("gradient": position
 or a list of ``{filter: substring, value: ...}`` conditions matched against the
 tensor name, the first match winning and a condition without filter matching all.
 
-evomerge-only settings (the random seed of DARE/DELLA masks and how they are
-drawn) live under a top-level ``evomerge:`` key that :meth:`Recipe.to_mergekit`
-leaves out.
+``dtype`` is the compute dtype, as in mergekit: every input tensor is rounded to
+it and the method computes in it (methods that mergekit 0.1.5 computes in float32
+whatever the inputs, linear and SLERP, do so here too); without it, the inputs'
+stored dtype. ``out_dtype`` is the storage dtype (default: the compute dtype).
+
+evomerge-only settings live under a top-level ``evomerge:`` key that
+:meth:`Recipe.to_mergekit` leaves out: the random seed of DARE/DELLA masks and how
+they are drawn (``seed``, ``random_mode``), and ``compute_dtype: float32``, which
+computes in float32 whatever ``dtype`` says (more exact than mergekit, and then no
+longer what mergekit computes: an explicit choice).
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from evomerge.checkpoints.writer import parse_dtype
 from evomerge.errors import RecipeError
 
 Setting = Any  # float | bool | str | list[float] | list[dict]
@@ -59,6 +67,7 @@ class Recipe:
     tokenizer_source: str | None = None
     seed: int = 0
     random_mode: str = "common"  # "common" random numbers, or "fresh" draws per merge
+    compute_dtype: str | None = None  # evomerge.compute_dtype: overrides dtype as the compute dtype
     source_file: str = "<recipe>"
 
     # ---- reading -------------------------------------------------------------
@@ -97,6 +106,10 @@ class Recipe:
         mode = extra.get("random_mode", "common")
         if mode not in ("common", "fresh"):
             raise RecipeError(f"{where}: evomerge.random_mode must be 'common' or 'fresh', got {mode!r}.")
+        for key in ("dtype", "out_dtype"):
+            parse_dtype(data.get(key), f"{where}: {key}")
+        compute = extra.get("compute_dtype")
+        parse_dtype(compute, f"{where}: evomerge.compute_dtype")
         tok = data.get("tokenizer_source")
         return cls(
             merge_method=str(data["merge_method"]),
@@ -109,6 +122,7 @@ class Recipe:
             tokenizer_source=None if tok is None else str(tok),
             seed=int(extra.get("seed", 0)),
             random_mode=mode,
+            compute_dtype=None if compute is None else str(compute),
             source_file=source_file,
         )
 
@@ -135,6 +149,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         out = self.to_mergekit()
         out["evomerge"] = {"seed": self.seed, "random_mode": self.random_mode}
+        if self.compute_dtype is not None:
+            out["evomerge"]["compute_dtype"] = self.compute_dtype
         return out
 
     def to_yaml(self, mergekit_only: bool = False) -> str:
@@ -163,7 +179,7 @@ class Recipe:
             layout = tuple(tuple((s.model, s.layer_range) for s in sl.sources) for sl in self.slices)
         else:
             layout = tuple(s.model for s in self.models)
-        return (self.merge_method, self.base_model, layout)
+        return (self.merge_method, self.base_model, layout, self.compute_dtype or self.dtype)
 
 
 def load_recipe(path: str | Path) -> Recipe:

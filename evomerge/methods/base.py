@@ -166,6 +166,9 @@ class MergeMethod:
     aux_extras: tuple[str, ...] = ()
     # a base_model, when the recipe names one, is merged as one more input (mergekit's karcher)
     base_is_input: bool = False
+    # mergekit 0.1.5 computes this method in float32 whatever its inputs' dtype (linear, SLERP): under a
+    # float16 / bfloat16 compute dtype the engines hand it float32 copies of the rounded inputs
+    float32_math: bool = False
     # for a method whose result is ``a * base + sum(c_i * x_i)`` with scalars that depend on the candidate
     # only: returns ``(a, [c_i], [x_i])``, the x_i being the models or the task vectors, as the method
     # chooses (``a`` None: the base is not a term). The method computes through it, and the fused kernel

@@ -65,6 +65,7 @@ def slerp_merge(inputs: MergeInputs) -> torch.Tensor:
 register(MergeMethod(
     name="slerp", merge=slerp_merge, needs_base=True,
     global_params=(T,), min_models=1, max_models=1, aux_extras=("cosine",), coefficients=_coefficients,
+    float32_math=True,
     doc="Spherical interpolation from the base (t=0) to the model (t=1) "
         "(https://en.wikipedia.org/wiki/Slerp).",
 ))

@@ -11,9 +11,11 @@ nothing; a positive density keeps at least one entry under ``magnitude`` only
 
 Why thresholds instead of top-k indices: a candidate then costs a few float
 elementwise passes; with :attr:`SparsifyAux.sorted_abs` the threshold is a
-lookup, without it ``torch.kthvalue`` finds the same value. Entries whose |delta|
-equals the threshold exactly are all kept, so at exact ties a few more entries
-survive than an exact top-k (mergekit breaks such ties arbitrarily).
+lookup, without it ``torch.kthvalue`` finds the same value. Where entries of exactly
+the threshold's magnitude are more than the top-k can take (exact ties: rare in
+float32, common in float16 / bfloat16), the eager path picks them as mergekit
+0.1.5 does, in torch's sort order of |delta|; the compiled kernels
+(:mod:`evomerge.methods.fused`) keep them all.
 
 Why a :class:`Kept` with a scalar ``scale``: norm-matching rescales multiply the
 whole sparsified tensor by one number, which the caller folds into the model's
@@ -84,8 +86,27 @@ def _keep_abs_ge(delta: torch.Tensor, threshold: float) -> torch.Tensor:
     abs + compare + multiply here); ``lambd`` is the float32 just below the
     threshold, so exactly-equal entries are kept.
     """
+    if delta.dtype != torch.float32:  # hardshrink's lambd would round to the delta's dtype
+        return delta * torch.ge(delta.abs(), threshold).to(delta.dtype)
     below = torch.nextafter(torch.tensor(threshold, dtype=torch.float32), torch.tensor(-math.inf))
     return torch.nn.functional.hardshrink(delta, max(float(below), 0.0))
+
+
+def _count_abs_ge(delta: torch.Tensor, threshold: float, aux: SparsifyAux | None) -> int:
+    """How many entries have |delta| >= threshold (a binary search in the sorted magnitudes when given)."""
+    if aux is not None and aux.sorted_abs is not None:
+        at = torch.tensor([threshold], dtype=aux.sorted_abs.dtype, device=aux.sorted_abs.device)
+        return delta.numel() - int(torch.searchsorted(aux.sorted_abs, at))
+    return int(torch.ge(delta.abs(), threshold).sum())
+
+
+def _mergekit_top(delta: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
+    """delta where its entry's position in torch's sort of |delta| (float32, as mergekit 0.1.5 sorts on
+    the CPU) is in [start, stop), else 0: mergekit's pick among entries of exactly equal magnitude,
+    which is torch's (unstable) sort order. Only run at such ties, where no threshold can decide."""
+    order = torch.sort(delta.abs().reshape(-1).float(), descending=descending).indices[start:stop]
+    keep = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device).index_fill_(0, order, 1)
+    return delta * keep.reshape(delta.shape)
 
 
 def _zeros(delta: torch.Tensor) -> Kept:
@@ -170,7 +191,11 @@ def magnitude(delta: torch.Tensor, density: float, *, aux: SparsifyAux | None = 
     if density <= 0 or n == 0:
         return _zeros(delta)
     k = max(1, int(density * n))
-    kept = _keep_abs_ge(delta, ascending_abs_at(delta, n - k, aux))
+    threshold = ascending_abs_at(delta, n - k, aux)
+    if threshold > 0 and _count_abs_ge(delta, threshold, aux) > k:  # exact ties at the threshold
+        kept = _mergekit_top(delta, 0, k, descending=True)
+    else:
+        kept = _keep_abs_ge(delta, threshold)
     return _finish(kept, delta, density, rescale, aux)
 
 

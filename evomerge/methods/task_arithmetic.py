@@ -91,14 +91,15 @@ def generalized_task_arithmetic(inputs: MergeInputs, *, sparsification: str | No
         if delta.shape != base.shape:
             raise merge_error(inputs, f"model {i} has shape {tuple(delta.shape)}, the base {tuple(base.shape)}.")
         weight = float(mparam(inputs, i, WEIGHT))
-        kept = _sparsify(sparsification, inputs, i, delta, rescale_norm)
-        terms.append(Term(kept.tensor, weight * kept.scale, weight, kept.owned))
+        terms.append(_weighted(_sparsify(sparsification, inputs, i, delta, rescale_norm), weight, base.dtype))
 
     if consensus:
         method = str(gparam(inputs, CONSENSUS))
         if method not in CONSENSUS_METHODS:
             raise merge_error(inputs, f"consensus_method {method!r} is not one of {', '.join(CONSENSUS_METHODS)}.")
         mixed, divisor = agreeing_sum(terms, elect_sign(terms, method), with_divisor=normalize)
+        mixed = mixed.to(base.dtype)  # float32 sums of a float16 / bfloat16 compute, rounded once
+        divisor = None if divisor is None else divisor.to(base.dtype)
         if divisor is not None:
             divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor)))  # 0 -> 1
             mixed.div_(divisor)
@@ -107,14 +108,28 @@ def generalized_task_arithmetic(inputs: MergeInputs, *, sparsification: str | No
         for t in terms:
             if t.coef != 0:
                 acc = accumulate(acc, t.tensor, t.coef, owned=t.owned)
-        mixed = torch.zeros_like(base) if acc is None else acc
+        mixed = torch.zeros_like(base) if acc is None else acc.to(base.dtype)
         if normalize:
-            total = sum(t.weight for t in terms)
+            weights = [t.weight for t in terms]
+            total = float(torch.tensor(weights, dtype=base.dtype).sum())  # summed as mergekit sums them
             if abs(total) >= _DIVISOR_EPS:
                 mixed.div_(total)
     if lam != 1:
         mixed.mul_(lam)
     return mixed.add_(base)
+
+
+def _weighted(kept: sp.Kept, weight: float, dtype: torch.dtype) -> Term:
+    """A model's weighted task vector, formed as mergekit 0.1.5 forms it: rescale factor, weight and their
+    product rounded to the compute dtype, so that the sums that follow add the same numbers in the same
+    order (bit for bit in float32, float16 and bfloat16). Under float16 / bfloat16 it is handed on in
+    float32: torch sums reduced-precision tensors in float32 and rounds once, which the caller then does."""
+    w = float(torch.tensor(weight, dtype=dtype))
+    x, owned = kept.tensor, kept.owned
+    if kept.scale != 1:
+        x, owned = x * float(torch.tensor(kept.scale, dtype=dtype)), True
+    x = x.mul_(w) if owned else x.mul(w)
+    return Term(x.float(), 1.0, w, True)
 
 
 def _make(name: str, sparsification: str | None, consensus: bool, normalize: bool, rescale: bool,

@@ -16,11 +16,12 @@ Genes (Optuna parameter names):
 
 Every numeric parameter is written out as a list of exactly ``n_layers`` values
 (a scalar when they are all equal). Under mergekit's gradient rule a list as long
-as the layer count gives layer ``i`` exactly element ``i``, embeddings element 0
-and the final norm / head the last element — so the exported recipe replays in
-mergekit and ``evomerge-merge`` unchanged. ``edges: own`` and ``modules`` are
-written as mergekit ``{filter, value}`` conditions; the filters of ``edges: own``
-are the full tensor names, which match nothing else.
+as the layer count gives layer ``i`` exactly element ``i``. The tensors outside the
+layers (embeddings, final norm, head) are never left to a gradient's endpoints:
+mergekit 0.1.5 reads them all at ``t = 0``, so their values are stated as mergekit
+``{filter, value}`` conditions whose filters are the full tensor names (which match
+nothing else), and the exported recipe rebuilds the scored weights in mergekit and
+``evomerge-merge`` alike. ``modules`` are conditions too.
 
 Rules that are documented rather than searched:
 
@@ -55,21 +56,19 @@ class Layout:
 
     n_layers: int
     pre: tuple[str, ...]          # non-layer tensors merged at t = 0 (embeddings)
-    post: tuple[str, ...]         # non-layer tensors merged at t = 1 (final norm, LM head)
+    post: tuple[str, ...]         # non-layer tensors merged after the layers (final norm, LM head)
     layer_names: tuple[str, ...]  # every per-layer tensor name (to check module filters)
 
 
 def layout_of(model_dir: str) -> Layout:
     """Read a model directory's layer count and tensor names (no tensor is loaded)."""
     from evomerge.checkpoints import open_checkpoint
-    from evomerge.engine.plan import _PRE_MARKERS, layer_index, num_layers
+    from evomerge.engine.plan import edge_tensors, layer_index, num_layers
 
     ckpt = open_checkpoint(model_dir)
     names = list(ckpt.tensor_names())
-    non_layer = [n for n in names if layer_index(n) is None]
-    pre = tuple(n for n in non_layer if any(k in n for k in _PRE_MARKERS))
-    post = tuple(n for n in non_layer if n not in pre)
-    return Layout(num_layers(ckpt), pre, post, tuple(n for n in names if layer_index(n) is not None))
+    pre, post = edge_tensors(names)
+    return Layout(num_layers(ckpt), tuple(pre), tuple(post), tuple(n for n in names if layer_index(n) is not None))
 
 
 class Genome:
@@ -122,6 +121,8 @@ class Genome:
             for edge in (*layout.pre, *layout.post):
                 if sum(edge in other for other in every) != 1:
                     raise ConfigError(f"search.edges: own needs tensor {edge!r} to be a unique name filter; use edges: follow.")
+        every = (*layout.pre, *layout.post, *layout.layer_names)
+        self._edges_ok = all(sum(e in other for other in every) == 1 for e in (*layout.pre, *layout.post))
         self._dists = self._distributions()
 
     # ---- the space ---------------------------------------------------------------
@@ -190,6 +191,13 @@ class Genome:
         if self.spec.edges == "own":
             conds += [{"filter": n, "value": _r(params[f"{stem}.embed"])} for n in self.layout.pre]
             conds += [{"filter": n, "value": _r(params[f"{stem}.head"])} for n in self.layout.post]
+        elif self.modules or len(set(map(_r, rest))) > 1:  # follow: the first layer's / the last layer's values
+            if not self._edges_ok:
+                raise ConfigError(f"the tensors outside the layers ({', '.join((*self.layout.pre, *self.layout.post))}) "
+                                  f"are not unique name filters, so per-layer values cannot state theirs; "
+                                  f"use layers_per_group: global.")
+            conds += [{"filter": n, "value": _r(rest[0])} for n in self.layout.pre]
+            conds += [{"filter": n, "value": _r(rest[-1])} for n in self.layout.post]
         conds += [{"filter": m, "value": _compact(v)} for m, v in per_mod.items()]
         if not conds:
             return _compact(rest)
