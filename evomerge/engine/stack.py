@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from evomerge.checkpoints.reader import Checkpoint, open_checkpoint
 from evomerge.engine.kernel import resolve_device
 from evomerge.engine.plan import LAYER_RE, MergePlan, layer_index
 from evomerge.engine.prepared import ApplyTiming, build_live_model
@@ -130,6 +131,7 @@ class StackEngine:
         self.model.config._attn_implementation = first.config._attn_implementation  # noqa: SLF001
         self.model.model.rotary_emb = first.model.rotary_emb  # same config everywhere: one set of frequencies
         self.layers: list[StackLayer] = []
+        self._checkpoints: dict[str, Checkpoint] = {}
 
     @torch.no_grad()
     def apply(self, recipe: Recipe) -> ApplyTiming:
@@ -183,9 +185,18 @@ class StackEngine:
 
     def _scaled(self, module: nn.Module, pname: str, plan: MergePlan, ref: str, src_name: str, scale: float) -> None:
         """``module.<pname>`` becomes its own tensor: the stored value times ``scale`` (passthrough's float32
-        multiply), cast to the live dtype, as evomerge-merge writes it and loading casts it."""
+        multiply), cast to the live dtype, as evomerge-merge writes it and loading casts it.
+
+        A float32 resident holds the stored value exactly (a float32 checkpoint's, or a bfloat16/float16 one
+        widened), so it is the multiply's input; a narrower resident is the stored value rounded, so the checkpoint is read
+        (the engine's own handle: a plan's fresh memory map pays its page faults again on every candidate)."""
         old = module._parameters[pname]  # noqa: SLF001
-        value = plan.checkpoints[ref].get(src_name).to(torch.float32) * scale
+        if old.dtype == torch.float32:
+            value = old * scale
+        else:
+            if ref not in self._checkpoints:
+                self._checkpoints[ref] = open_checkpoint(ref)
+            value = self._checkpoints[ref].get(src_name).to(device=old.device, dtype=torch.float32) * scale
         module._parameters[pname] = nn.Parameter(value.to(dtype=old.dtype, device=old.device),  # noqa: SLF001
                                                  requires_grad=False)
 
