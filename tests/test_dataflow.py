@@ -92,6 +92,7 @@ def test_stack_recipe_groups_runs_and_scales_the_output_projections(tiny_zoo):
     ({"n_trials": 0}, "search.n_trials"),
     ({"pruning": {"keep": 120}}, "search.pruning.keep"),
     ({"parameter_space": {"n_trials": 4}}, "search.parameter_space"),
+    ({"layers_per_group": 2}, "search.layers_per_group is not a data-flow search setting"),
 ])
 def test_bad_dataflow_configs_are_one_clear_error(over, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

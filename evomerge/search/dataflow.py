@@ -52,6 +52,7 @@ from evomerge.search.spec import SearchSpec, parse_search
 SPACE = "dataflow"
 SCALED = ("self_attn.o_proj", "mlp.down_proj")  # the layer's writes into the residual stream
 KEYS = {"space", "repeats", "scale", "logit", "frankenmerge", "parameter_space"}
+SHARED = {"name", "method", "sources", "n_trials", "limit", "pruning"}  # the keys every search has
 PS_SOURCE = "ps"  # the source name of the parameter-space winner in a combined search
 
 
@@ -85,6 +86,10 @@ def is_dataflow(cfg: dict[str, Any] | None) -> bool:
 
 def parse_dataflow(cfg: dict[str, Any]) -> DataflowSpec:
     """Check a ``space: dataflow`` search config; the shared keys go through :func:`parse_search`."""
+    unknown = sorted(set(cfg) - KEYS - SHARED)
+    if unknown:
+        raise ConfigError(f"search.{unknown[0]} is not a data-flow search setting; valid keys are "
+                          f"{', '.join(sorted(KEYS | SHARED))}.")
     own = {k: cfg[k] for k in KEYS if k in cfg}
     repeats = own.get("repeats", 2)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or not 1 <= repeats <= 8:
