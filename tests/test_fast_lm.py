@@ -50,33 +50,36 @@ def test_tiny_zoo_tasks_item_by_item(tiny_zoo):
     ev = Evaluator(tok, tasks, include_paths=[str(tiny_zoo.task_dir)])
     model = AutoModelForCausalLM.from_pretrained(tiny_zoo.specialists["add"], dtype=torch.float32)
     ref, ref_res = _samples(_hflm(model, tok, batch_size=32), ev, "search", 80)
-    got, got_res = _samples(FastLM(model, tok, batch_size=32), ev, "search", 80)
-    n_ll = n_gen = n_greedy = 0
-    for t in tasks:
-        assert len(got[t]) == len(ref[t]) == 80
-        for r, g in zip(ref[t], got[t]):
-            assert r["doc_id"] == g["doc_id"]
-            if t.endswith("_ll"):
-                _same_ll([x[0] for x in r["resps"]], [x[0] for x in g["resps"]])
-                n_ll += len(r["resps"])
-                n_greedy += sum(x[0][1] for x in r["resps"])
-            else:
-                assert g["resps"] == r["resps"]  # the raw generated strings, before the answer filter
-                n_gen += 1
-        assert {k: v for k, v in got_res[t].items() if "stderr" not in k} == \
-               {k: v for k, v in ref_res[t].items() if "stderr" not in k}
-    assert n_ll == 3 * 80 * 4 and n_gen == 3 * 80 and n_greedy > 100  # the flags are tested both ways
+    for pack in (None, False):  # packed rows under a 4D mask (the default here), and the KV-cache way
+        got, got_res = _samples(FastLM(model, tok, batch_size=32, pack=pack), ev, "search", 80)
+        n_ll = n_gen = n_greedy = 0
+        for t in tasks:
+            assert len(got[t]) == len(ref[t]) == 80
+            for r, g in zip(ref[t], got[t]):
+                assert r["doc_id"] == g["doc_id"]
+                if t.endswith("_ll"):
+                    _same_ll([x[0] for x in r["resps"]], [x[0] for x in g["resps"]])
+                    n_ll += len(r["resps"])
+                    n_greedy += sum(x[0][1] for x in r["resps"])
+                else:
+                    assert g["resps"] == r["resps"]  # the raw generated strings, before the answer filter
+                    n_gen += 1
+            assert {k: v for k, v in got_res[t].items() if "stderr" not in k} == \
+                   {k: v for k, v in ref_res[t].items() if "stderr" not in k}
+        assert n_ll == 3 * 80 * 4 and n_gen == 3 * 80 and n_greedy > 100  # the flags are tested both ways
 
 
+@pytest.mark.parametrize("pack", [None, False], ids=["packed", "cached"])
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
-def test_other_architectures_truncation_rolling_and_stops(tmp_path, arch):
+def test_other_architectures_truncation_rolling_and_stops(tmp_path, arch, pack):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base, _ = make_family(tmp_path, arch, n_models=1, layers=2, seed=3)
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     kw = {"max_length": 24}  # contexts below are longer: both must cut them from the left alike
-    hf, fast = _hflm(model, tok, **kw), FastLM(model, tok, batch_size=8, **kw)
+    hf, fast = _hflm(model, tok, **kw), FastLM(model, tok, batch_size=8, pack=pack, **kw)
+    assert fast._fwd.packed is (pack is None)  # both architectures take a custom 4D mask: packed by default
     long_ctx = "12+34=46 abc rev cba 7*8=56 " * 2
     ll = [("47+35=", "82"), ("47+35=", "8"), ("47+35=", "812"), ("", "12+3"), ("a b ", "c d"), ("x", "y"),
           (long_ctx, "99"), (long_ctx, "9"), (long_ctx, "1234567890abcdefghij"), ("q", "w" * 24),

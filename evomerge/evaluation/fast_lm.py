@@ -30,7 +30,7 @@ from lm_eval.models.utils import (handle_stop_sequences, has_bos_prefix, normali
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from evomerge.errors import ConfigError
-from evomerge.evaluation.fast_forward import forward_args, greedy_generate, score_prefix_groups
+from evomerge.evaluation.fast_forward import forward_args, greedy_generate, score_groups
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,12 @@ class FastLM(TemplateLM):
     def __init__(
         self, pretrained: Any, tokenizer: Any = None, *, batch_size: int | str = 32, device: str | None = None,
         max_length: int | None = None, add_bos_token: bool | None = None, prefix_token_id: int | None = None,
-        max_gen_toks: int = 256, dtype: str = "auto", trust_remote_code: bool = False, **_ignored: Any,
+        max_gen_toks: int = 256, dtype: str = "auto", trust_remote_code: bool = False, pack: bool | None = None,
+        **_ignored: Any,
     ) -> None:
+        """``pack``: a shared context and its continuations in one row under a custom attention mask
+        (True), or the continuations run from the context's KV cache (False); None: packed where the
+        model honours such a mask (see fast_forward.py)."""
         super().__init__()
         if isinstance(pretrained, str):  # the lm-eval CLI's `--model evomerge-fast --model_args pretrained=DIR`
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,7 +87,7 @@ class FastLM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         ids = (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id)
         self._pad_id = next((i for i in ids if i is not None), 0)  # any id: padded positions are masked
-        self._fwd = forward_args(model)
+        self._fwd = forward_args(model, pack)
         self._bos_str = tokenizer.decode(self.prefix_token_id) if self.prefix_token_id is not None else None
         eot = self.eot_token_id
         self._eos_str = tokenizer.decode(eot, skip_special_tokens=False) if eot is not None else None
@@ -187,7 +191,7 @@ class FastLM(TemplateLM):
         with torch.inference_mode():
             for b in range(0, len(order), self.batch_size):
                 chunk = order[b:b + self.batch_size]
-                flat = score_prefix_groups(self.model, chunk, [[requests[i][2] for i in groups[p]] for p in chunk],
+                flat = score_groups(self.model, chunk, [[requests[i][2] for i in groups[p]] for p in chunk],
                                            pad_id=self._pad_id, device=self._device, fwd=self._fwd)
                 if self.work is not None:
                     self.work.extend((len(p) + sum(len(requests[i][2]) - 1 for i in groups[p]),
