@@ -263,3 +263,65 @@ def test_dtype_is_the_compute_dtype(low_precision, name, dtype):
         mk.assert_same_tensors(ours, theirs, label=f"{name} {dtype}")
     f32_fractions = mk.assert_same_tensors(f32, theirs, eps_units=float("inf"), label=f"{name} {dtype} f32")
     assert sum(f32_fractions.values()) / len(theirs) > 0.05  # float32 compute is another result (measured ~20 %)
+
+
+# ---- a search's exported recipes replay to the scored model -----------------------------------
+@pytest.fixture(scope="module")
+def edge_trained(tiny_zoo, tmp_path_factory):
+    """The tiny zoo's base and math specialists with embeddings, final norm and head perturbed per model
+    (the zoo freezes them; real fine-tunes train them), so that a recipe that leaves their values to
+    a gradient's endpoints replays to other weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from evomerge.engine.plan import layer_index
+
+    root = tmp_path_factory.mktemp("edge_trained")
+    out = {}
+    for i, (name, src) in enumerate([("base", tiny_zoo.base), ("add", tiny_zoo.specialists["add"]),
+                                     ("sub", tiny_zoo.specialists["sub"])]):
+        dst = root / name
+        shutil.copytree(src, dst)
+        gen = torch.Generator().manual_seed(100 + i)
+        for f in dst.glob("*.safetensors"):
+            state = load_file(str(f))
+            for k, v in state.items():
+                if layer_index(k) is None:
+                    state[k] = v + 0.05 * v.abs().mean() * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+            save_file(state, str(f), metadata={"format": "pt"})
+        out[name] = dst
+    return out
+
+
+def test_searched_recipes_replay_in_mergekit_to_the_scored_weights(edge_trained, tmp_path):
+    """A short per-layer TIES search; the winner's best/recipe.yaml and a searched trial's exported recipe,
+    run through mergekit-yaml, give exactly the weights the engine scored and evomerge exported (float32)."""
+    import csv
+    import subprocess
+    import sys
+
+    from evomerge.engine.prepared import PreparedMerge
+
+    mk.require()
+    run = tmp_path / "run"
+    m = edge_trained
+    proc = subprocess.run(
+        [sys.executable, "-m", "evomerge.search.app", "+search=ties_math", "search.n_trials=6", "search.limit=20",
+         "search.pruning.enabled=false", "progress=false", "final.top_k=1", "final.score_cache=null",
+         f"models.base={m['base']}", f"models.specialists={{add: {m['add']}, sub: {m['sub']}}}", f"hydra.run.dir={run}"],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    searched = [r for r in csv.DictReader((run / "trials.csv").open()) if not r["baseline"] and r["state"] == "COMPLETE"]
+    trial = searched[-1]["number"]
+    proc = subprocess.run([sys.executable, "-m", "evomerge.export.cli", str(run), "--trial", trial, "--out",
+                           str(tmp_path / "trial"), "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exports = {"best": run / "best", "trial": tmp_path / "trial"}
+    assert "filter: model.norm.weight" in (exports["trial"] / "recipe.yaml").read_text()  # edges stated by name
+    replayed = mk.mergekit_yaml([(d / "recipe.yaml", tmp_path / f"mk_{k}") for k, d in exports.items()])
+    for (label, d), mk_dir in zip(exports.items(), replayed):
+        exported = mk.state(d / "model")
+        mk.assert_same_tensors(mk.state(mk_dir), exported, label=f"{label}: mergekit vs exported")
+        scored = PreparedMerge(load_recipe(d / "recipe.yaml"), device="cpu", progress=False).state_dict()
+        mk.assert_same_tensors(scored, {k: exported[k] for k in scored}, label=f"{label}: engine vs exported")
