@@ -54,59 +54,70 @@ def _no_staging(run_dir: Path) -> bool:
     return not list((run_dir / "best").glob(".model.evomerge-tmp-*"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage,nth", [("prepare", 1), ("trial", 2), ("final", 2), ("export", 1)])
-def test_a_kill_at_any_stage_loses_nothing_and_the_rerun_ends_exactly(tiny_zoo, tmp_path, stage, nth):
-    run_dir = tmp_path / "run"
-    killed = _run(run_dir, fault=(stage, nth))
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    before = _finished(run_dir)
-    model = run_dir / "best" / "model"
-    assert not model.exists() or _model_complete(model)  # complete or none
-    if stage == "export":
-        assert not model.exists() and not _no_staging(run_dir)  # killed with a finished staging folder
-
-    done = _run(run_dir)
-    assert done.returncode == 0, done.stderr[-3000:]
-    after = _finished(run_dir)
-    assert len(after) == N_TRIALS
-    assert all(after.get(n) == v for n, v in before.items())  # nothing finished was lost or re-scored
-    assert _model_complete(model) and _no_staging(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["trials"]["finished"] == N_TRIALS and summary["best"]["test_fitness"] is not None
+# One run folder killed at each stage in turn, each kill followed by a look at what it left: the rerun of
+# one kill is the next stage's killed run, so five processes check every stage (and the end state is the
+# finished run the other tests start from).
+KILLS = [("prepare", 1), ("trial", 2), ("final", 2), ("export", 1)]
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_zoo, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("done") / "run"
-    proc = _run(run_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
+def killed_at_every_stage(tiny_zoo, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("faults") / "run"
+    model = run_dir / "best" / "model"
+    finished: dict[int, float | None] = {}
+    for stage, nth in KILLS:
+        killed = _run(run_dir, fault=(stage, nth))
+        assert killed.returncode == -9, f"{stage}: {killed.stderr[-2000:]}"
+        now = _finished(run_dir)
+        assert all(now.get(n) == v for n, v in finished.items()), stage  # nothing finished was lost or re-scored
+        assert len(now) <= N_TRIALS, stage
+        assert not model.exists() or _model_complete(model), stage  # complete or none
+        finished = now
+    assert not model.exists() and not _no_staging(run_dir)  # the export kill left a finished staging folder
+    done = _run(run_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir, finished
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_stage_loses_nothing_and_the_rerun_ends_exactly(killed_at_every_stage):
+    run_dir, before = killed_at_every_stage
+    after = _finished(run_dir)
+    assert len(after) == N_TRIALS and len(before) == N_TRIALS  # the budget was spent before the final kills
+    assert all(after.get(n) == v for n, v in before.items())
+    assert _model_complete(run_dir / "best" / "model") and _no_staging(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["trials"]["finished"] == N_TRIALS and summary["best"]["test_fitness"] is not None
 
 
 def _snapshot(d: Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+def _copy(run_dir: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns("*.session"))
+    return to
+
+
 @pytest.mark.slow
-def test_a_kill_while_an_earlier_export_is_replaced_keeps_the_earlier_one(finished_run):
-    best = finished_run / "best"
+def test_a_kill_while_an_earlier_export_is_replaced_keeps_the_earlier_one(killed_at_every_stage, tmp_path):
+    run_dir = _copy(killed_at_every_stage[0], tmp_path / "copy")
+    best = run_dir / "best"
     before = _snapshot(best / "model")
-    killed = _run(finished_run, fault=("export", 1))  # a rerun after the end exports again
+    killed = _run(run_dir, fault=("export", 1))  # a rerun after the end exports again
     assert killed.returncode == -9
     assert _snapshot(best / "model") == before  # the complete earlier model, untouched
-    again = _run(finished_run)
+    again = _run(run_dir)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert _model_complete(best / "model") and _no_staging(finished_run)
+    assert _model_complete(best / "model") and _no_staging(run_dir)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["empty", "garbage", "missing"])
-def test_a_lost_study_file_is_an_error_not_a_new_study(finished_run, tmp_path, damage):
-    import shutil
-
-    run_dir = tmp_path / "copy"
-    shutil.copytree(finished_run, run_dir)
+def test_a_lost_study_file_is_an_error_not_a_new_study(killed_at_every_stage, tmp_path, damage):
+    run_dir = _copy(killed_at_every_stage[0], tmp_path / "copy")
     db = run_dir / "study.db"
     for side in run_dir.glob("study.db-*"):
         side.unlink()  # WAL files belong to the database being damaged
