@@ -32,6 +32,10 @@ class ConfigError(EvomergeError):
     """A search / Hydra configuration value is invalid."""
 
 
+class ZooError(EvomergeError):
+    """A zoo cannot be built or loaded (unknown name, missing optional dependency...)."""
+
+
 @contextmanager
 def user_errors(prog: str) -> Iterator[None]:
     """Turn an EvomergeError into ``prog: error: <message>`` on stderr and exit status 2."""

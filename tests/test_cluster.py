@@ -177,7 +177,7 @@ def test_final_claim_is_taken_over_only_from_a_dead_exporter(tmp_path):
 
 def test_passwords_never_shown(pg):
     from evomerge.errors import ConfigError
-    from evomerge.search.cluster.storage import mask_url, postgres_storage
+    from evomerge.search.backends import mask_url, postgres_storage
 
     url = pg.url()
     assert PASSWORD not in mask_url(url) and "***" in mask_url(url)

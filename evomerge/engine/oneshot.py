@@ -19,7 +19,7 @@ from evomerge.checkpoints.writer import dtype_name, parse_dtype, parse_size, wri
 from evomerge.engine.kernel import as_inputs, choose_fused, input_bytes, random_aux, resolve_device, run_job
 from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
-from evomerge.export.card import model_card
+from evomerge.engine.card import model_card
 
 
 def output_dtype(plan: MergePlan, override: str | None) -> torch.dtype:

@@ -13,11 +13,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from evomerge.checkpoints.reader import Checkpoint, open_checkpoint
+from evomerge.checkpoints import Checkpoint, open_checkpoint
 from evomerge.checkpoints.validate import check_compatible, check_tensor
 from evomerge.engine.recipe import Recipe, Slice, Source, evaluate_setting
 from evomerge.errors import CheckpointError, MergeError, RecipeError
-from evomerge.methods import MergeMethod, get_method
+from evomerge.methods import MergeMethod, ParamDef, get_method
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<suffix>.+)$")
 _PRE_MARKERS = ("embed", "wte", "wpe")

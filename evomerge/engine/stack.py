@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from evomerge.checkpoints.reader import Checkpoint, open_checkpoint
+from evomerge.checkpoints import Checkpoint, open_checkpoint
 from evomerge.engine.kernel import resolve_device
 from evomerge.engine.plan import LAYER_RE, MergePlan, layer_index
 from evomerge.engine.prepared import ApplyTiming, build_live_model

@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import EvomergeError
-from evomerge.export.card import model_card
+from evomerge.engine.card import model_card
 
 STUDY_ATTR = "evomerge"  # study user attribute holding what rebuilds the genome
 

@@ -193,17 +193,6 @@ def register(method: MergeMethod) -> MergeMethod:
     return method
 
 
-def get_method(name: str) -> MergeMethod:
-    from evomerge import methods as _  # noqa: F401  (import registers every method)
-
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise MergeError(f"unknown merge_method {name!r}; known methods: {known}.") from None
-
-
-def method_names() -> list[str]:
-    from evomerge import methods as _  # noqa: F401
-
-    return sorted(_REGISTRY)
+def registered() -> dict[str, MergeMethod]:
+    """The methods registered so far (``evomerge.methods`` imports, and so registers, all of them)."""
+    return _REGISTRY

@@ -35,12 +35,10 @@ def _rdb(url: str, cfg: dict[str, Any], failed_trial_callback: Any) -> optuna.st
     hb = cfg.get("heartbeat_interval")
     kwargs: dict[str, Any] = {}
     if hb:
-        import inspect
+        from evomerge.search.backends import stale_callback_kwarg
 
-        # Optuna 4.9 renamed failed_trial_callback (now deprecated) to heartbeat_stale_trial_callback.
-        params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
-        name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
-        kwargs = {"heartbeat_interval": int(hb), "grace_period": cfg.get("grace_period"), name: failed_trial_callback}
+        kwargs = {"heartbeat_interval": int(hb), "grace_period": cfg.get("grace_period"),
+                  stale_callback_kwarg(): failed_trial_callback}
     try:
         storage = optuna.storages.RDBStorage(url, **kwargs)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy / driver errors vary by backend
@@ -129,7 +127,7 @@ def _journal(cfg: dict[str, Any], run_dir: Path, cb: Any) -> optuna.storages.Bas
     """An append-only journal file: about 4x cheaper per trial than SQLite (see results/search_speed.md)."""
     from optuna.storages import JournalStorage
 
-    from evomerge.search.cluster.storage import journal_backend, journal_storage
+    from evomerge.search.backends import journal_backend, journal_storage
 
     path = study_file({**cfg, "kind": "journal"}, run_dir)
     assert path is not None
@@ -141,7 +139,7 @@ def _journal(cfg: dict[str, Any], run_dir: Path, cb: Any) -> optuna.storages.Bas
 
 def _postgres(cfg: dict[str, Any], run_dir: Path, cb: Any) -> optuna.storages.BaseStorage:
     """A PostgreSQL database many workers share (URL from storage.url or $EVOMERGE_STORAGE_URL)."""
-    from evomerge.search.cluster.storage import postgres_storage
+    from evomerge.search.backends import postgres_storage
 
     return postgres_storage(cfg, cb)
 
@@ -162,7 +160,7 @@ def storage_url(storage: optuna.storages.BaseStorage) -> str | None:
     """What ``optuna-dashboard`` opens: the RDB URL, or the journal file's path."""
     url = getattr(storage, "url", None)
     if url is not None:
-        from evomerge.search.cluster.storage import mask_url
+        from evomerge.search.backends import mask_url
 
         return mask_url(str(url))  # never a password in summaries and logs
     backend = getattr(storage, "_backend", None)

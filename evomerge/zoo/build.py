@@ -21,16 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import ZooError
 from evomerge.locks import FileMutex
 from evomerge.evaluation.taskdir import materialise_tasks, task_groups, tasks_need_refresh
 
 ZOO_NAMES = ("tiny", "smol")
 FORMAT_VERSION = 1  # bump when the on-disk layout changes
-
-
-class ZooError(EvomergeError):
-    """A zoo cannot be built or loaded (unknown name, missing optional dependency...)."""
 
 
 @dataclass

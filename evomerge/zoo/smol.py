@@ -99,7 +99,7 @@ def spec() -> dict:
 
 
 def check_requirements() -> None:
-    from evomerge.zoo.build import ZooError
+    from evomerge.errors import ZooError
 
     missing = [p for p, ok in ((PACKAGE, _package_version() is not None),
                                ("gguf", importlib.util.find_spec("gguf") is not None)) if not ok]
@@ -117,7 +117,7 @@ def gguf_path() -> Path:
     for f in dist.files or []:
         if str(f).endswith(GGUF_FILE):
             return Path(dist.locate_file(f)).resolve()
-    from evomerge.zoo.build import ZooError
+    from evomerge.errors import ZooError
 
     raise ZooError(f"{PACKAGE} {dist.version} is installed but has no {GGUF_FILE}; reinstall it.")
 

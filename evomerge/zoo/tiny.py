@@ -116,7 +116,7 @@ def build(out: Path, *, progress: bool = True, from_scratch: bool = False) -> di
 
         missing, unexpected = model.load_state_dict(load_file(str(SHIPPED_BASE)), strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to the embeddings
-            from evomerge.zoo.build import ZooError
+            from evomerge.errors import ZooError
 
             raise ZooError(f"{SHIPPED_BASE} does not fit the tiny model (missing {missing}, unexpected {unexpected}): "
                            f"the package is damaged or mixed across versions; reinstall evomerge, or build with "

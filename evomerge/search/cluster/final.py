@@ -93,7 +93,7 @@ def describe(record: dict[str, Any]) -> str:
 # ---- the manifest: which storage and study a shared folder belongs to ---------------------------
 def write_manifest(out_dir: Path, study_name: str, storage_cfg: dict[str, Any]) -> Path:
     """``out_dir/evomerge-study.json``: storage kind, journal path or password-free URL, study name."""
-    from evomerge.search.cluster.storage import password_free, postgres_url
+    from evomerge.search.backends import password_free, postgres_url
 
     kind = storage_cfg.get("kind", "sqlite")
     entry: dict[str, Any] = {"kind": kind}
@@ -121,7 +121,7 @@ def manifest_storage(run_dir: Path) -> Any | None:
     PostgreSQL: $EVOMERGE_STORAGE_URL when it names the same database (it may carry the password),
     else the recorded password-free URL (libpq then reads PGPASSWORD or ~/.pgpass).
     """
-    from evomerge.search.cluster.storage import ENV_URL, password_free
+    from evomerge.search.backends import ENV_URL, password_free
     from evomerge.search.storage import make_storage
 
     info = manifest(run_dir)

@@ -26,7 +26,8 @@ from evomerge.errors import ConfigError
 from evomerge.search import driver
 from evomerge.search.cluster import final as final_claim
 from evomerge.search.cluster.budget import ClusterLoop, tally
-from evomerge.search.cluster.storage import postgres_url, study_mutex
+from evomerge.search.backends import postgres_url
+from evomerge.search.cluster.storage import study_mutex
 from evomerge.search.fitness import TaskSpec
 from evomerge.search.storage import heartbeat_enabled, make_storage, session_lock, storage_url
 from evomerge.search.study import SearchSession, _print_summary
