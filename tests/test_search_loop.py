@@ -7,7 +7,7 @@ import pytest
 from optuna.trial import TrialState
 
 from evomerge.search import driver
-from search_factory import TIES, _random_point, family, genome  # noqa: F401  (family is a fixture)
+from search_factory import family, genome  # noqa: F401  (family is a fixture)
 
 # ---- budget and resume bookkeeping (in-memory Optuna, no models) -----------------------------
 def test_budget_counts_retries_once():
