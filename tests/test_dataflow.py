@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +17,9 @@ from evomerge.engine.stack import StackEngine
 from evomerge.errors import ConfigError, MergeError
 from evomerge.search.dataflow import SCALED, DataflowGenome, Slot, parse_dataflow, stack_recipe
 from evomerge.search.genome import layout_of
+from mergekit_ref import assert_same_tensors, mergekit_yaml, state  # tests/ helpers
+from model_factory import make_family
 
-MERGEKIT_YAML = Path("/work/mkvenv/bin/mergekit-yaml")
 IDS = torch.tensor([[5, 8, 9, 12, 7, 6, 10, 11, 4]])
 
 
@@ -115,7 +115,7 @@ def stack_case(tiny_zoo, tmp_path_factory):
 
 
 def test_rewired_model_equals_the_exported_stack(stack_case):
-    engine, recipe, out, _ = stack_case
+    engine, _, out, _ = stack_case
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
     assert engine.model.config.num_hidden_layers == 6
     # same weights, same modules, same kernels in the same order: equal bit for bit
@@ -155,9 +155,6 @@ def test_generation_with_kv_cache_equals_generation_without(stack_case):
 
 def test_embeddings_from_the_first_slice_and_head_from_the_last(tmp_path):
     """Untied Llama family whose embeddings and heads all differ: the stack follows mergekit's edges rule."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from model_factory import make_family
-
     _, (m0, m1) = make_family(tmp_path, "llama", n_models=2, layers=3)
     recipe = Recipe.from_dict({"merge_method": "passthrough", "slices": [
         {"sources": [{"model": str(m1), "layer_range": [0, 2]}]},
@@ -193,23 +190,14 @@ def test_evomerge_merge_replays_the_exported_recipe(stack_case, tmp_path):
     assert torch.equal(_logits(_load(tmp_path / "replay")), _logits(_load(out)))
 
 
-@pytest.mark.skipif(not MERGEKIT_YAML.is_file(), reason=f"mergekit 0.1.5 reference venv absent ({MERGEKIT_YAML})")
 def test_mergekit_builds_the_same_stack(stack_case, tmp_path):
+    """mergekit-yaml 0.1.5 (its own venv, tests/mergekit_ref.py; skipped with the reason without it)."""
     _, recipe, out, _ = stack_case
     path = tmp_path / "mk.yaml"
     path.write_text(recipe.to_yaml(mergekit_only=True))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    proc = subprocess.run([str(MERGEKIT_YAML), str(path), str(tmp_path / "mk")], capture_output=True, text=True,
-                          timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((tmp_path / "mk" / "config.json").read_text())["num_hidden_layers"] == 6
-    from safetensors.torch import load_file
-
-    ours = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
-    theirs = {k: v for f in (tmp_path / "mk").glob("*.safetensors") for k, v in load_file(f).items()}
-    assert set(theirs) == set(ours)
-    for name in ours:  # a passthrough is a copy or one float32 multiply: exact in both
-        assert torch.equal(ours[name], theirs[name].to(ours[name].dtype)), name
+    (mk,) = mergekit_yaml([(path, tmp_path / "mk")])
+    assert json.loads((mk / "config.json").read_text())["num_hidden_layers"] == 6
+    assert_same_tensors(state(out), state(mk), label="stack")  # a copy or one float32 multiply: equal
 
 
 # ---- the search --------------------------------------------------------------------------------

@@ -33,8 +33,8 @@ from __future__ import annotations
 import copy
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
