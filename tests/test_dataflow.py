@@ -122,6 +122,16 @@ def test_rewired_model_equals_the_exported_stack(stack_case):
     assert torch.equal(_logits(engine.model), _logits(_load(out)))
 
 
+def test_bfloat16_stack_equals_the_export_loaded_in_bfloat16(stack_case):
+    """eval_dtype=bfloat16: a scaled tensor is the float32 product rounded once, as loading the export rounds it."""
+    _, recipe, out, srcs = stack_case
+    engine = StackEngine(list(srcs.values()), model_dtype=torch.bfloat16)
+    engine.apply(recipe)
+    ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    assert torch.equal(engine.model.model.layers[2].mlp.down_proj.weight, ref.model.layers[2].mlp.down_proj.weight)
+    assert torch.equal(_logits(engine.model), _logits(ref))
+
+
 def test_layers_share_resident_weights_and_own_their_cache_index(stack_case):
     engine, _, _, srcs = stack_case
     layers = engine.model.model.layers
