@@ -264,8 +264,13 @@ def run_parameter_space(raw: dict[str, Any], run_dir: Path, tasks: Any, ps: dict
 
     from omegaconf import OmegaConf
 
+    from evomerge.search.cluster.session import is_cluster
     from evomerge.search.study import SearchSession  # the session runs us: import here, no cycle
 
+    if is_cluster(raw):
+        raise ConfigError("search.parameter_space runs the parameter-space search inside one process, not as cluster "
+                          "workers: run that search first (`evomerge +search=ties_math ...`), then this one with its "
+                          "winner as a source (`+models.specialists.ps=RUN_DIR/best/model 'search.sources=[...,ps]'`).")
     path = Path(__file__).resolve().parent.parent / "conf" / "search" / f"{ps['search']}.yaml"
     if not path.is_file():
         raise ConfigError(f"search.parameter_space.search = {ps['search']!r}: no search config {path}; name one of "
