@@ -270,7 +270,7 @@ def run_parameter_space(raw: dict[str, Any], run_dir: Path, tasks: Any, ps: dict
     if is_cluster(raw):
         raise ConfigError("search.parameter_space runs the parameter-space search inside one process, not as cluster "
                           "workers: run that search first (`evomerge +search=ties_math ...`), then this one with its "
-                          "winner as a source (`+models.specialists.ps=RUN_DIR/best/model 'search.sources=[...,ps]'`).")
+                          "winner as a source (`'models.specialists={ps: RUN_DIR/best/model}' 'search.sources=[...,ps]'`).")
     path = Path(__file__).resolve().parent.parent / "conf" / "search" / f"{ps['search']}.yaml"
     if not path.is_file():
         raise ConfigError(f"search.parameter_space.search = {ps['search']!r}: no search config {path}; name one of "
