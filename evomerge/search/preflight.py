@@ -83,7 +83,8 @@ def check_tokenizer(tokenizer: Any, tokenizer_dir: str, base: str) -> list[str]:
     for key in _SPECIAL:
         a, b = getattr(ref, key, None), getattr(tokenizer, key, None)
         if a is not None and b is not None and a != b:
-            return [f"models.tokenizer = {tokenizer_dir!r} has {key} = {b}, the base model's tokenizer ({base}) {a}; {fix}"]
+            return [f"models.tokenizer = {tokenizer_dir!r} has {key} = {b} where the base model's tokenizer ({base}) "
+                    f"has {a}; {fix}"]
     va, vb = ref.get_vocab(), tokenizer.get_vocab()
     if va != vb:
         token = next((t for t, i in sorted(va.items(), key=lambda x: x[1]) if vb.get(t) != i), None)
