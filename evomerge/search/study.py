@@ -70,7 +70,8 @@ class SearchSession:
         self.genome = (DataflowGenome(spec, self.sources, layout, seed=int(raw.get("seed", 0))) if dataflow  # type: ignore[arg-type]
                        else Genome(spec, self.sources, models.base, layout, seed=int(raw.get("seed", 0))))
         # every configuration check that can fail runs now, before a study exists (evomerge/search/preflight.py)
-        check_before_study(self.scorer.evaluator, self.tasks, base=models.base, tokenizer_dir=self.tokenizer_dir,
+        check_before_study(self.scorer.evaluator, self.tasks, base=models.base or next(iter(self.sources.values())),
+                           tokenizer_dir=self.tokenizer_dir,
                            genome=self.genome, n_trials=spec.n_trials, sampler=raw["sampler"], seed=int(raw.get("seed", 0)))
 
     def _evaluator(self) -> Any:
