@@ -17,14 +17,19 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLERS = ("cmaes", "tpe", "random")
 NOTES = "<!-- notes: written by hand, kept when the table is rebuilt -->"
-COMBINED = "ps-cmaes"  # PS-then-DFS: ties_math (its default 60 trials), then the data-flow search over add, sub, ps
+ROWS = {  # row -> overrides of `evomerge +search=dataflow_math`
+    "cmaes": ["sampler=cmaes"],
+    "tpe": ["sampler=tpe"],
+    "random": ["sampler=random"],
+    "tpe-noscale": ["sampler=tpe", "search.scale=null"],  # no scale genes: every slot's scale is 1
+    # PS-then-DFS: ties_math (its default 60 trials, CMA-ES), then the data-flow search over add, sub and ps
+    "ps-cmaes": ["search.parameter_space=ties_math"],
+}
 
 
 def run(root: Path, row: str, trials: int, seed: int) -> None:
-    extra = ["search.parameter_space=ties_math"] if row == COMBINED else [f"sampler={row}"]
-    cmd = [sys.executable, "-m", "evomerge.search.app", "+search=dataflow_math", *extra,
+    cmd = [sys.executable, "-m", "evomerge.search.app", "+search=dataflow_math", *ROWS[row],
            f"search.n_trials={trials}", f"seed={seed}", "progress=false", f"hydra.run.dir={root / row}"]
     subprocess.run(cmd, check=True, cwd=ROOT)
 
@@ -35,20 +40,19 @@ def _f(v: object) -> str:
 
 def table(root: Path, trials: int, seed: int) -> str:
     lines = ["# Data-flow search on the tiny zoo", "",
-             f"One run per sampler, seed {seed}, {trials} trials (baselines included), `add` and `sub` specialists "
-             f"(4 layers each), `repeats: 2` (up to 8 layers), scale of o_proj/down_proj in [0.5, 1.5], 24 genes. "
+             f"One run per row, seed {seed}, {trials} trials (baselines included), `add` and `sub` specialists "
+             f"(4 layers each), `repeats: 2` (up to 8 layers), scale of o_proj/down_proj in [0.5, 1.5] unless the "
+             f"row says otherwise. "
              f"Fitness: mean log-likelihood accuracy on the math tasks; search = the search-time sample, "
              f"search* = every search item, test = held out.", "",
-             "Command per row: `evomerge +search=dataflow_math sampler=S search.n_trials="
-             f"{trials} seed={seed}`; row {COMBINED}: `evomerge +search=dataflow_math search.parameter_space=ties_math "
-             f"search.n_trials={trials} seed={seed}` (ties_math's own 60 trials by CMA-ES first, then the data-flow "
-             f"search by CMA-ES over add, sub and its winner `ps`, 36 genes). All via "
-             f"`python experiments/dataflow_tiny.py`.", "",
-             "| sampler | winner | winner test | best searched stack: search / search* / test | its layers "
+             f"Command per row: `evomerge +search=dataflow_math OVERRIDES search.n_trials={trials} seed={seed}` (via "
+             f"`python experiments/dataflow_tiny.py`); row ps-cmaes runs ties_math's own 60 trials by CMA-ES first, "
+             f"then the data-flow search over add, sub and its winner `ps`.", "",
+             "| row | overrides | genes | winner | winner test | best searched stack: search / search* / test | its layers "
              "| searched stacks above the best source (search*) | per candidate: stack / eval (s) |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     baselines: dict = {}
-    for s in (*SAMPLERS, COMBINED):
+    for s, over in ROWS.items():
         path = root / s / "summary.json"
         if not path.is_file():
             continue
@@ -59,14 +63,15 @@ def table(root: Path, trials: int, seed: int) -> str:
         top = [c for c in summ["top"] if c["search_full_fitness"] is not None]
         bt = max(top, key=lambda c: c["search_full_fitness"]) if top else None
         layers = ""
+        with (root / s / "trials.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        genes = sum(k.startswith("p") and ".l" in k for k in rows[0])
         if bt is not None:
-            with (root / s / "trials.csv").open() as fh:
-                row = next(r for r in csv.DictReader(fh) if int(r["number"]) == bt["trial"])
-            layers = _sequence(row)
+            layers = _sequence(next(r for r in rows if int(r["number"]) == bt["trial"]))
         above = sum(c["search_full_fitness"] > best_src for c in top)
         pc = summ["timings"].get("per_candidate") or {}
         win = summ["best"]
-        lines.append(f"| {s} | {win['label']} | {_f(win['test_fitness'])} | "
+        lines.append(f"| {s} | `{' '.join(over)}` | {genes} | {win['label']} | {_f(win['test_fitness'])} | "
                      + ("" if bt is None else f"{_f(bt['search_fitness'])} / {_f(bt['search_full_fitness'])} / "
                                               f"{_f(bt['test_fitness'])}")
                      + f" | {layers} | {above} of {len(top)} re-scored | {pc.get('merge_s', '')} / {pc.get('eval_s', '')} |")
@@ -98,7 +103,7 @@ def main() -> None:
     p.add_argument("--table", action="store_true", help="rebuild the table from finished runs only")
     a = p.parse_args()
     if not a.table:
-        for row in (*SAMPLERS, COMBINED):
+        for row in ROWS:
             run(a.root, row, a.trials, a.seed)
     out = ROOT / "results" / "dataflow_tiny.md"
     notes = out.read_text().split(NOTES, 1)[1] if out.is_file() and NOTES in out.read_text() else "\n"
