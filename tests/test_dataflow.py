@@ -180,6 +180,24 @@ def test_embeddings_from_the_first_slice_and_head_from_the_last(tmp_path):
     assert torch.equal(_logits(engine.model, ids), _logits(_load(m0), ids))
 
 
+def test_qwen2_stack_keeps_layer_types_and_its_tied_head(tmp_path):
+    """transformers 5 configs with layer_types (Qwen2): one entry per output layer, live and exported."""
+    _, (m0, m1) = make_family(tmp_path, "qwen2", n_models=2, layers=3)
+    recipe = Recipe.from_dict({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(m0), "layer_range": [0, 3]}]},
+        {"sources": [{"model": str(m1), "layer_range": [1, 3]}]}]})
+    engine = StackEngine([str(m0), str(m1)])
+    engine.apply(recipe)
+    merge_to_dir(recipe, tmp_path / "out", progress=False)
+    ref = _load(tmp_path / "out")
+    assert engine.model.config.layer_types == ref.config.layer_types == ["full_attention"] * 5
+    assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+    ids = torch.tensor([[4, 9, 11, 20, 6]])
+    assert torch.equal(_logits(engine.model, ids), _logits(ref, ids))
+    cached = engine.model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(cached, engine.model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False))
+
+
 def test_recipes_the_stack_cannot_build_are_refused(stack_case, tmp_path):
     engine, _, _, srcs = stack_case
     with pytest.raises(MergeError, match="passthrough recipe with slices"):
