@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the app does (see evomerge/search/app.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the app does (see evomerge/run/app.py)
 
 import torch  # noqa: E402
 

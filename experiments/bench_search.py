@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the app does (see evomerge/search/app.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the app does (see evomerge/run/app.py)
 
 import torch  # noqa: E402
 
@@ -48,9 +48,9 @@ def main() -> None:
 
     import optuna
 
-    from evomerge.search.app import _conf_dir, _quiet
+    from evomerge.run.app import _conf_dir, _quiet
     from evomerge.search.fitness import parse_tasks
-    from evomerge.search.study import SearchSession
+    from evomerge.run.session import SearchSession
 
     _quiet()
     overrides = [f"+search={args.search}", f"models={args.models}", f"tasks={args.tasks}", f"eval_dtype={args.eval_dtype}",

@@ -29,7 +29,7 @@ ROWS = {  # row -> overrides of `evomerge +search=dataflow_math`
 
 
 def run(root: Path, row: str, trials: int, seed: int) -> None:
-    cmd = [sys.executable, "-m", "evomerge.search.app", "+search=dataflow_math", *ROWS[row],
+    cmd = [sys.executable, "-m", "evomerge.run.app", "+search=dataflow_math", *ROWS[row],
            f"search.n_trials={trials}", f"seed={seed}", "progress=false", f"hydra.run.dir={root / row}"]
     subprocess.run(cmd, check=True, cwd=ROOT)
 

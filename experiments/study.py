@@ -56,7 +56,7 @@ def handset_runs(n_sources: int) -> dict[str, list[str]]:
 
 
 def evomerge(overrides: list[str], out: Path, zoo: str, seed: int) -> None:
-    cmd = [sys.executable, "-m", "evomerge.search.app", f"models={zoo}", f"seed={seed}",
+    cmd = [sys.executable, "-m", "evomerge.run.app", f"models={zoo}", f"seed={seed}",
            f"study_name=study-{zoo}-{out.parent.name}-{out.name}", f"hydra.run.dir={out}",
            *ZOOS[zoo]["extra"], *overrides]
     print("$", " ".join(cmd[2:]), flush=True)

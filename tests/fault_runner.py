@@ -53,6 +53,6 @@ if __name__ == "__main__":
     stage, nth = sys.argv[1], int(sys.argv[2])
     sys.argv = [sys.argv[0], *sys.argv[3:]]
     plant(stage, nth)
-    from evomerge.search.app import main
+    from evomerge.run.app import main
 
     main()

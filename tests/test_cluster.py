@@ -29,7 +29,7 @@ pytestmark = pytest.mark.cluster
 
 HERE = Path(__file__).resolve().parent
 FAKE = [sys.executable, str(HERE / "cluster_fake_worker.py")]
-APP = [sys.executable, "-m", "evomerge.search.app"]
+APP = [sys.executable, "-m", "evomerge.run.app"]
 STUDY = "ties_math-user_example"
 
 
@@ -387,7 +387,7 @@ def test_slurm_launcher_config_makes_a_gpu_job_script(tmp_path, monkeypatch):
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf
 
-    from evomerge.search.app import _conf_dir
+    from evomerge.run.app import _conf_dir
 
     with initialize_config_dir(config_dir=_conf_dir(), version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True,

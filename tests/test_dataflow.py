@@ -234,7 +234,7 @@ def test_search_runs_end_to_end_and_exports_the_scored_stack(tiny_zoo, tmp_path)
     run_dir = tmp_path / "run"
     args = ["+search=dataflow_math", "search.n_trials=7", "search.limit=20", "progress=false", "final.top_k=1",
             f"final.score_cache={tmp_path / 'scores'}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run([sys.executable, "-m", "evomerge.search.app", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "evomerge.run.app", *args], capture_output=True, text=True,
                           timeout=900, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -276,7 +276,7 @@ def test_ps_then_dfs_from_one_command(tiny_zoo, tmp_path):
     args = ["+search=dataflow_math", "search.parameter_space={search: ties_math, n_trials: 4, limit: 20}",
             "search.n_trials=5", "search.limit=20", "progress=false", "final.top_k=1", "final.score_cache=null",
             f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run([sys.executable, "-m", "evomerge.search.app", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "evomerge.run.app", *args], capture_output=True, text=True,
                           timeout=900, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     ps = json.loads((run_dir / "parameter_space" / "summary.json").read_text())

@@ -29,7 +29,7 @@ STUDY = "ties_math-tiny"
 
 def _run(run_dir: Path, *extra: str, fault: tuple[str, int] | None = None, wait: bool = True):
     head = [sys.executable, str(HERE / "fault_runner.py"), fault[0], str(fault[1])] if fault else \
-        [sys.executable, "-m", "evomerge.search.app"]
+        [sys.executable, "-m", "evomerge.run.app"]
     cmd = [*head, *ARGS, *extra, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(HERE)}
     if not wait:

@@ -307,7 +307,7 @@ def test_searched_recipes_replay_in_mergekit_to_the_scored_weights(edge_trained,
     run = tmp_path / "run"
     m = edge_trained
     proc = subprocess.run(
-        [sys.executable, "-m", "evomerge.search.app", "+search=ties_math", "search.n_trials=6", "search.limit=20",
+        [sys.executable, "-m", "evomerge.run.app", "+search=ties_math", "search.n_trials=6", "search.limit=20",
          "search.pruning.enabled=false", "progress=false", "final.top_k=1", "final.score_cache=null",
          f"models.base={m['base']}", f"models.specialists={{add: {m['add']}, sub: {m['sub']}}}", f"hydra.run.dir={run}"],
         capture_output=True, text=True, timeout=900)

@@ -23,7 +23,7 @@ from evomerge.search.spec import parse_search
 from model_factory import make_family
 
 ROOT = Path(__file__).resolve().parents[1]
-APP = [sys.executable, "-m", "evomerge.search.app"]
+APP = [sys.executable, "-m", "evomerge.run.app"]
 TIES = {"name": "t", "method": "ties", "layers_per_group": "global", "genes": {"weight": {"low": 0.0, "high": 1.0},
         "density": {"low": 0.1, "high": 1.0}}, "parameters": {"normalize": True},
         "textbook": {"weight": 1.0, "density": 0.5}, "n_trials": 8}
@@ -147,7 +147,7 @@ def test_a_mismatched_tokenizer_is_refused_before_any_candidate(tiny_zoo, tmp_pa
 # ---- the score cache's key: every input changes it (issue 21, item 5) ---------------------------------
 def _session_cache(family, root: Path, tokenizer_dir: str, items: str, task_dirs: list[str], **raw) -> ScoreCache:
     """The cache exactly as a search session builds it (SearchSession._score_cache on the session's fields)."""
-    from evomerge.search.study import SearchSession
+    from evomerge.run.session import SearchSession
 
     fake = SimpleNamespace(
         raw={"final": {"score_cache": str(root)}, "eval_dtype": "float32", "batch_size": 32, "max_gen_toks": None,

@@ -40,7 +40,7 @@ def test_the_search_never_runs_model_code_and_says_how_to_allow_it(trojan, tmp_p
     base, fts, marker = trojan
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "evomerge.search.app", "+search=ties_math", "models=user_example", f"models.base={base}",
+        [sys.executable, "-m", "evomerge.run.app", "+search=ties_math", "models=user_example", f"models.base={base}",
          f"models.specialists={{a: {fts[0]}, b: {fts[1]}}}", f"models.task_dirs=[{tiny_zoo.task_dir}]",
          "tasks.group=null", "tasks.tasks={evomerge_add_ll: {acc: 1.0}}", "progress=false", f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,

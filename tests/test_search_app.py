@@ -19,7 +19,7 @@ from search_factory import family, genome  # noqa: F401  (family is a fixture)
 
 
 
-APP = [sys.executable, "-m", "evomerge.search.app"]
+APP = [sys.executable, "-m", "evomerge.run.app"]
 SMALL = ["+search=ties_math", "search.n_trials=9", "search.limit=60", "progress=false", "final.top_k=2"]
 
 

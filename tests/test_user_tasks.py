@@ -23,7 +23,7 @@ from evomerge.search.fitness import parse_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "gsm8k_local"
-APP = [sys.executable, "-m", "evomerge.search.app"]
+APP = [sys.executable, "-m", "evomerge.run.app"]
 
 
 def _docs(split: str) -> list[dict]:

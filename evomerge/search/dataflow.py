@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from optuna.distributions import BaseDistribution, FloatDistribution
@@ -251,45 +250,6 @@ def stack_recipe(stack: list[Slot], sources: dict[str, str], *, seed: int = 0, s
             "scale": [*({"filter": f, "value": x.scale} for f in SCALED), {"value": 1.0}]}
         slices.append(Slice([Source(sources[x.source], params, (x.layer, run[-1].layer + 1))]))
     return Recipe(merge_method="passthrough", slices=slices, dtype="float32", seed=seed, source_file=source_file)
-
-
-def run_parameter_space(raw: dict[str, Any], run_dir: Path, tasks: Any, ps: dict[str, Any]) -> str:
-    """PS-then-DFS: run the parameter-space search ``ps`` names (its own study in ``run_dir/parameter_space``,
-    resumed like any study) and return its exported winner's model directory, the data-flow search's ``ps`` source.
-
-    Why a nested session and not a second command: the winner's directory, the tasks and the models are then
-    the data-flow search's own, and rerunning the one command resumes whichever of the two was unfinished.
-    """
-    import time
-
-    from omegaconf import OmegaConf
-
-    from evomerge.search.cluster.session import is_cluster
-    from evomerge.search.study import SearchSession  # the session runs us: import here, no cycle
-
-    if is_cluster(raw):
-        raise ConfigError("search.parameter_space runs the parameter-space search inside one process, not as cluster "
-                          "workers: run that search first (`evomerge +search=ties_math ...`), then this one with its "
-                          "winner as a source (`'models.specialists={ps: RUN_DIR/best/model}' 'search.sources=[...,ps]'`).")
-    path = Path(__file__).resolve().parent.parent / "conf" / "search" / f"{ps['search']}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"search.parameter_space.search = {ps['search']!r}: no search config {path}; name one of "
-                          f"{', '.join(sorted(p.stem for p in path.parent.glob('*.yaml')))}.")
-    loaded = OmegaConf.load(path)
-    if is_dataflow(OmegaConf.to_container(loaded)):  # type: ignore[arg-type]
-        raise ConfigError(f"search.parameter_space.search = {ps['search']!r} is itself a data-flow search; name a "
-                          f"parameter-space one (ties_math, dare_ties_math, ...).")
-    root = OmegaConf.create({k: v for k, v in raw.items() if k != "search"})
-    root.search = OmegaConf.merge(loaded, {k: v for k, v in ps.items() if k != "search"})
-    ps_raw = OmegaConf.to_container(root, resolve=True)
-    ps_raw["study_name"] = f"{raw['study_name']}-{ps['search']}"  # type: ignore[index]
-    ps_raw["final"] = {**ps_raw["final"], "export_model": True}  # type: ignore[index,dict-item]
-    ps_dir = run_dir / "parameter_space"
-    SearchSession(ps_raw, ps_dir, tasks, multi_objective=False, t0=time.perf_counter()).run()  # type: ignore[arg-type]
-    model = ps_dir / "best" / "model"
-    if not (model / "config.json").is_file():
-        raise ConfigError(f"the parameter-space search in {ps_dir} exported no winner model; see its report.md.")
-    return str(model.resolve())
 
 
 def _r(v: Any) -> float:

@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from evomerge.search.models import check_models
     from evomerge.search.samplers import check_sampler
     from evomerge.search.spec import parse_search
-    from evomerge.search.study import SearchSession
+    from evomerge.run.session import SearchSession
 
     t0 = time.perf_counter()
     raw = OmegaConf.to_container(cfg, resolve=True)
@@ -86,7 +86,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     _check_globals(raw)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    from evomerge.search.cluster.session import ClusterSession, is_cluster
+    from evomerge.run.cluster import ClusterSession, is_cluster
 
     session_cls = ClusterSession if is_cluster(raw) else SearchSession  # a worker of a shared study (README, "Cluster sweeps")
     session = session_cls(raw, run_dir, tasks, multi_objective=sampler == "nsga2", t0=t0)

@@ -1,6 +1,6 @@
 """One worker of a cluster sweep: the single-machine session, sharing its study with other workers.
 
-What differs from :class:`~evomerge.search.study.SearchSession`, and why:
+What differs from :class:`~evomerge.run.session.SearchSession`, and why:
 
 * the study lives in a shared storage (PostgreSQL, or a journal / SQLite file
   in the shared folder), with heartbeats on, so dead workers are detected;
@@ -30,14 +30,9 @@ from evomerge.search.backends import postgres_url
 from evomerge.search.cluster.storage import study_mutex
 from evomerge.search.fitness import TaskSpec
 from evomerge.search.storage import heartbeat_enabled, make_storage, session_lock, storage_url
-from evomerge.search.study import SearchSession, _print_summary
+from evomerge.run.session import SearchSession, _print_summary, is_cluster  # noqa: F401  (is_cluster: the app asks here)
 
 SHARED_KINDS = ("postgres", "journal", "sqlite")
-
-
-def is_cluster(raw: dict[str, Any]) -> bool:
-    """A worker of a shared study: ``worker`` is set, or the study lives in PostgreSQL."""
-    return raw.get("worker") is not None or (raw.get("storage") or {}).get("kind") == "postgres"
 
 
 def worker_label(raw: dict[str, Any]) -> str:
