@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from evomerge.errors import ConfigError, EvomergeError, user_errors
-from evomerge.search.secrets import mask, mask_log_records, scrub_hydra_files, url_secrets
+from evomerge.run.secrets import mask, mask_log_records, scrub_hydra_files, url_secrets
 
 
 def _conf_dir() -> str:
