@@ -1,9 +1,8 @@
 """Sample in memory, record on disk: Optuna's sampler without a database round trip per gene.
 
 Why: with an RDB storage, every ``ask`` re-reads the running trials a few times
-and writes each parameter in its own transaction. For a 16-gene CMA-ES genome
-on SQLite that measured 76 ms per ask plus 15 ms per tell, against 1 ms in
-memory — a third of a tiny-zoo candidate's time, spent on bookkeeping.
+and writes each parameter in its own transaction: on SQLite, a sizeable part of
+a tiny-zoo candidate's time went to bookkeeping (results/search_speed.md).
 
 So the sampler and the pruner run on an in-memory study that mirrors the
 persistent one, and the persistent study (the truth: resume, dashboard,

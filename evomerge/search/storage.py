@@ -5,9 +5,9 @@ alternative. Every storage kind is one entry in :data:`_BUILDERS`, so
 PostgreSQL (many workers sharing one study) is an addition, not a rewrite.
 
 Why the SQLite pragmas: Optuna writes each suggested parameter in its own
-transaction, and SQLite's default journal fsyncs every commit: 24 genes cost
-0.4 s per trial on this machine's disk. Write-ahead logging with
-``synchronous=NORMAL`` brings that to 0.03 s. It stays safe against a killed
+transaction, and SQLite's default journal fsyncs every commit, once per gene.
+Write-ahead logging with ``synchronous=NORMAL`` makes that a write to the log
+(results/search_speed.md has the figures). It stays safe against a killed
 process (the WAL is replayed on the next open); only an operating-system crash
 can lose the last commits, which resume then redoes.
 """

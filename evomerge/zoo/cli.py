@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--split", default="test", help="task split to score (default: test)")
     t.add_argument("--limit", type=float, default=None, help="items per task (below 1: a fraction)")
     t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--bf16", action="store_true", help="score in bfloat16 (1.7-1.9x faster on CPUs with bf16)")
+    t.add_argument("--bf16", action="store_true", help="score in bfloat16 (faster on CPUs with bf16 instructions)")
     t.add_argument("--out", type=Path, default=None,
                    help="markdown file to write the table into (its '<zoo>' section is replaced)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")

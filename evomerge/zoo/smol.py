@@ -135,7 +135,7 @@ def provenance() -> dict:
 
 
 def load_gguf_base():
-    """(plain float32 LlamaForCausalLM, tokenizer) from the packaged GGUF (~20 s)."""
+    """(plain float32 LlamaForCausalLM, tokenizer) from the packaged GGUF (dequantised once per process: it takes a while)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
