@@ -137,7 +137,13 @@ def trial_counts(study: optuna.Study) -> dict[str, int]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    """Write ``data`` whole or not at all (workers of a sweep may write the same file at once)."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
     return path
 
 
