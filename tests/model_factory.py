@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, AutoModelForCausalLM
+from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
+                          MixtralConfig, Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 CHARS = list("0123456789+-*= abcdefghijklmnopqrstuvwxyz?.\n")
 
@@ -38,7 +39,25 @@ def _config(arch: str, layers: int, vocab: int):
                            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, **common)
     if arch == "gpt2":
         return GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=128, **common)
+    attn = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, **common)
+    if arch == "mistral":
+        return MistralConfig(tie_word_embeddings=False, **attn)
+    if arch == "qwen3":
+        return Qwen3Config(head_dim=8, tie_word_embeddings=False, **attn)
+    if arch == "gemma2":  # ties the head to the embeddings, as Gemma does
+        return Gemma2Config(head_dim=8, **attn)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return Phi3Config(original_max_position_embeddings=128, tie_word_embeddings=False, **attn)
+    if arch == "gpt_neox":  # its head is embed_out, its embeddings embed_in
+        return GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                             max_position_embeddings=128, tie_word_embeddings=False, **common)
+    if arch == "mixtral":  # mixture of experts: 4 experts, 2 per token, a router per layer
+        return MixtralConfig(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False, **attn)
     raise ValueError(arch)
+
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "mixtral")
 
 
 def make_family(root: Path, arch: str = "llama", n_models: int = 3, layers: int = 4, seed: int = 0,

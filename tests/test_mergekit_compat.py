@@ -147,12 +147,34 @@ merge_method: ties
 base_model: @A
 dtype: float32
 """,
+    # values mergekit's pydantic accepts: numbers and booleans written as strings, a single condition
+    "pydantic_values": """
+merge_method: linear
+models:
+  - model: @B
+    parameters: {weight: ["0.3", "1e0"]}
+  - model: @C
+    parameters: {weight: {filter: mlp, value: "5e-1"}}
+parameters: {weight: 0.4, normalize: "true"}
+dtype: float32
+tokenizer_source: union
+""",
+    "karcher_string_tol": """
+merge_method: karcher
+models:
+  - model: @B
+  - model: @C
+  - model: @D
+parameters: {tol: 1e-5, max_iter: 20}
+dtype: float32
+tokenizer: {source: base}
+""",
 }
 
 # float32 rounding allowed, in eps x the tensor's scale (mergekit_ref.scaled_error; module docstring):
 # measured at most 0.7 on this fixture, where a parameter read at the wrong position gives about 1e5
 TOLERANCE = {"passthrough_slices": 0, "ties_gradients": 0, "linear_filters": 0, "task_arithmetic_lambda": 0,
-             "linear_slices_sources": 0, "ties_slices_base": 0}
+             "linear_slices_sources": 0, "ties_slices_base": 0, "pydantic_values": 0}
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +347,57 @@ def test_searched_recipes_replay_in_mergekit_to_the_scored_weights(edge_trained,
         mk.assert_same_tensors(mk.state(mk_dir), exported, label=f"{label}: mergekit vs exported")
         scored = PreparedMerge(load_recipe(d / "recipe.yaml"), device="cpu", progress=False).state_dict()
         mk.assert_same_tensors(scored, {k: exported[k] for k in scored}, label=f"{label}: engine vs exported")
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"modules": {"text_decoder": {"models": [{"model": "@B"}]}}}, "'modules:' (a multi-module recipe: text_decoder)"),
+    ({"chat_template": "chatml"}, "'chat_template' is not supported"),
+    ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": "@B"}}}}, "tokenizer.tokens"),
+    ({"tokenizer": {"source": "base"}, "tokenizer_source": "base"}, "not both"),
+    ({"evomerge": {"compute_dtyp": "float32"}}, "'evomerge' must be a mapping of seed, random_mode and compute_dtype"),
+    ({"dtype": "float8"}, "unknown dtype 'float8'"),
+])
+def test_unsupported_mergekit_keys_are_one_clear_error(fam, extra, needle):
+    from evomerge.engine.recipe import Recipe
+    from evomerge.errors import RecipeError
+
+    data = {"merge_method": "linear", "models": [{"model": str(fam["B"])}, {"model": str(fam["C"])}], **extra}
+    with pytest.raises(RecipeError) as err:
+        Recipe.from_dict(data, source_file="r.yaml")
+    assert needle in str(err.value) and str(err.value).startswith("r.yaml"), str(err.value)
+
+
+def test_per_slice_base_model_is_a_clear_error(fam):
+    from evomerge.engine.recipe import Recipe
+    from evomerge.errors import RecipeError
+
+    sl = {"sources": [{"model": str(fam["B"]), "layer_range": [0, 4]}], "base_model": str(fam["A"])}
+    with pytest.raises(RecipeError, match=r"slices\[0\]\.base_model"):
+        Recipe.from_dict({"merge_method": "passthrough", "slices": [sl]}, source_file="r.yaml")
+
+
+def test_compute_dtype_round_trips_and_torch_prefix(fam):
+    from evomerge.engine.recipe import Recipe
+
+    data = {"merge_method": "linear", "models": [{"model": str(fam["B"])}], "dtype": "torch.bfloat16",
+            "evomerge": {"compute_dtype": "float32"}}
+    r = Recipe.from_dict(data)
+    assert r.dtype == "bfloat16" and r.compute_dtype == "float32"
+    assert Recipe.from_dict(r.to_dict()).compute_dtype == "float32" and "evomerge" not in r.to_mergekit()
+
+
+def test_cli_compute_dtype_flag_is_the_float32_option(low_precision, fam, tmp_path):
+    """``evomerge-merge --compute-dtype float32`` gives the recipe's ``evomerge: {compute_dtype: float32}`` result."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_fill(LOW["ties"], fam) + "dtype: float16\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "evomerge.engine.cli", str(recipe), str(out), "--no-progress",
+                           "--compute-dtype", "float32"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ours, f32, _ = low_precision[("ties", "float16")]
+    got = mk.state(out)
+    mk.assert_same_tensors(got, f32, label="--compute-dtype float32")
+    assert any(not torch.equal(got[k], ours[k]) for k in ours)

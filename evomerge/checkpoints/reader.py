@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from evomerge.checkpoints.experts import ExpertLayout
 from evomerge.errors import CheckpointError
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -108,27 +109,49 @@ class Checkpoint:
         return state
 
     # ---- access ------------------------------------------------------------
+    @cached_property
+    def _layout(self) -> ExpertLayout:
+        """Names as merged: a mixture of experts' per-expert tensors stacked (see evomerge.checkpoints.experts)."""
+        return ExpertLayout(list(self._weight_map), self.config.get("model_type"))
+
     def tensor_names(self) -> list[str]:
-        return list(self._weight_map)
+        return list(self._layout.names)
 
     def has(self, name: str) -> bool:
-        return name in self._weight_map
+        return name in self._layout.plain or name in self._layout.stacked
+
+    def _stored(self, name: str) -> str:
+        stored = self._layout.plain.get(name)
+        if stored is None or stored not in self._weight_map:
+            raise CheckpointError(f"tensor {name!r} is not in {self.path}.")
+        return stored
 
     def file_of(self, name: str) -> Path:
-        try:
-            return self._weight_map[name]
-        except KeyError:
-            raise CheckpointError(f"tensor {name!r} is not in {self.path}.") from None
+        parts = self._layout.stacked.get(name)
+        return self._weight_map[next(iter(parts[0].values()))] if parts else self._weight_map[self._stored(name)]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        file = self.file_of(name)
+        parts = self._layout.stacked.get(name)
+        if parts:
+            one = self._stored_shape(parts[0][0])
+            return (len(parts[0]), one[0] * len(parts), *one[1:])
+        return self._stored_shape(self._stored(name))
+
+    def get(self, name: str) -> torch.Tensor:
+        """The stored tensor (stored dtype, CPU); stacked experts as one tensor. Callers convert for math."""
+        parts = self._layout.stacked.get(name)
+        if parts:
+            return torch.cat([torch.stack([self._stored_get(p[e]) for e in sorted(p)]) for p in parts], dim=1)
+        return self._stored_get(self._stored(name))
+
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
+        file = self._weight_map[name]
         if file.suffix == ".safetensors":
             return tuple(self._open_safe(file).get_slice(name).get_shape())
         return tuple(self._load_bin(file)[name].shape)
 
-    def get(self, name: str) -> torch.Tensor:
-        """The stored tensor (stored dtype, CPU). Callers convert to float32 for math."""
-        file = self.file_of(name)
+    def _stored_get(self, name: str) -> torch.Tensor:
+        file = self._weight_map[name]
         if file.suffix == ".safetensors":
             try:
                 return self._open_safe(file).get_tensor(name)

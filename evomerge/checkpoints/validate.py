@@ -62,7 +62,8 @@ def _check_vocab(reference: Checkpoint, other: Checkpoint) -> None:
         if vb.get(token) != idx:
             raise CheckpointError(
                 f"vocabularies differ: token {token!r} has id {idx} in {file_a} but "
-                f"{vb.get(token)!r} in {file_b}; {_fix_hint()}, or re-map the embeddings first."
+                f"{vb.get(token)!r} in {file_b}; {_fix_hint()}, or re-map the embeddings first (evomerge does not "
+                f"build mergekit's tokenizer_source: union vocabularies)."
             )
     extra = next(iter(set(vb) - set(va)))
     raise CheckpointError(

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dtype", default=None, help="float32 | float16 | bfloat16 (default: recipe dtype, else the base's)")
     p.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 500MB, 5GB (default 2GB)")
     p.add_argument("--seed", type=int, default=None, help="seed of DARE/DELLA masks (default: the recipe's evomerge.seed, else 0)")
+    p.add_argument("--compute-dtype", default=None, choices=["float32"],
+                   help="compute in float32 whatever the recipe's dtype says (more exact than mergekit, and then not "
+                        "mergekit's result; default: the recipe's dtype, as mergekit computes)")
     p.add_argument("--fused", action="store_true",
                    help="one compiled pass per tensor (task-arithmetic family). Off by default: a single merge does not "
                         "repay the compile (results/bench_merge.md)")
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         recipe = load_recipe(args.recipe)
         if args.seed is not None:
             recipe.seed = args.seed
+        if args.compute_dtype is not None:
+            recipe.compute_dtype = args.compute_dtype
         start = time.perf_counter()
         out = merge_to_dir(
             recipe, args.out_dir, device=args.device, out_dtype=args.out_dtype, shard_size=args.shard_size,

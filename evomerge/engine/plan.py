@@ -185,8 +185,18 @@ class MergePlan:
 
     def _out_config(self) -> dict[str, Any]:
         cfg = copy.deepcopy(self.reference.config)
-        if "num_hidden_layers" in cfg:
-            cfg["num_hidden_layers"] = self.n_out_layers
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):  # GPT-2 names its depth n_layer
+            if key in cfg:
+                cfg[key] = self.n_out_layers
+        if isinstance(cfg.get("layer_types"), list) and self.recipe.slices:
+            # transformers 5 configs list each layer's kind (sliding / full attention): the output's
+            # layers are its slices' layers, each of the kind it had in its (first) source model
+            types: list[Any] = []
+            for sl in self.slices:
+                src = sl.sources[0]
+                theirs = self.checkpoints[src.model].config.get("layer_types") or cfg["layer_types"]
+                types += theirs[src.layer_range[0]:src.layer_range[1]]  # type: ignore[index]
+            cfg["layer_types"] = types
         if cfg.get("auto_map") and not self.trust_remote_code:
             raise CheckpointError(
                 f"{self.reference.path / 'config.json'} needs custom code (auto_map); evomerge never runs code "
@@ -196,7 +206,7 @@ class MergePlan:
         return cfg
 
     # ---- parameters ----------------------------------------------------------------
-    def _lookup(self, name: str, job: TensorJob, model_ref: str | None, recipe: Recipe,
+    def _lookup(self, p: ParamDef, job: TensorJob, model_ref: str | None, recipe: Recipe,
                 tensor_name: str | None = None) -> Any:
         """mergekit's precedence: slice source > slice > models entry > global parameters.
 
@@ -214,8 +224,8 @@ class MergePlan:
             levels += [m.parameters for m in recipe.models if m.model == model_ref]
         levels.append(recipe.parameters)
         for params in levels:
-            if name in params:
-                value = evaluate_setting(params[name], tensor_name or job.out_name, job.t)
+            if p.name in params:
+                value = evaluate_setting(params[p.name], tensor_name or job.out_name, job.t, p.coerce)
                 if value is not None:
                     return value
         return None
@@ -233,7 +243,7 @@ class MergePlan:
         for ref, src_name in job.models:
             values = {}
             for p in self.method.model_params:
-                v = self._lookup(p.name, job, ref, recipe, src_name)
+                v = self._lookup(p, job, ref, recipe, src_name)
                 if v is None:
                     if p.required:
                         raise MergeError(
@@ -245,7 +255,7 @@ class MergePlan:
             model_params.append(values)
         params = {}
         for p in self.method.global_params:
-            v = self._lookup(p.name, job, None, recipe)
+            v = self._lookup(p, job, None, recipe)
             if v is None and p.required:
                 raise MergeError(f"{where}: merge_method {self.method.name!r} needs parameter {p.name!r}; add it under parameters.")
             params[p.name] = p.default if v is None else p.check(v, where)

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from evomerge.engine import placement
+from evomerge.engine.live_names import live_targets, view
 from evomerge.engine.kernel import (as_inputs, choose_fused, input_bytes, random_aux, raise_if_not_finite, resolve_device,
                                     run_job)
 from evomerge.engine.plan import MergePlan, TensorJob
@@ -184,28 +185,40 @@ class PreparedMerge:
         let accelerate dispatch it. Keeps a handle on each parameter's storage: with layers offloaded
         to the CPU, accelerate swaps the module's parameter for a meta one but reads that storage."""
         model = self.model
-        self._param_names = {n for n, _ in model.named_parameters()}
+        self._targets = live_targets(model, [job.out_name for job in self.plan.jobs])  # checkpoint name -> live
         for job in self.plan.jobs:
-            if job.out_name not in self._param_names:
+            target = self._targets.get(job.out_name)
+            if target is None:
                 continue
             ref = job.base or job.models[0]
             value = self.plan.checkpoints[ref[0]].get(ref[1])
-            set_module_tensor_to_device(model, job.out_name, self._device[job.out_name], value=value,
-                                        dtype=self.model_dtype)
+            dev = self._device[job.out_name]
+            if target.expert is None:
+                set_module_tensor_to_device(model, target.param, dev, value=value, dtype=self.model_dtype)
+                continue
+            fused = model.get_parameter(target.param)  # experts stacked in one parameter (transformers 5)
+            if fused.device.type == "meta":
+                set_module_tensor_to_device(model, target.param, dev,
+                                            value=torch.empty(fused.shape, dtype=self.model_dtype, device=dev))
+            view(model.get_parameter(target.param), target).copy_(value)
         model.tie_weights()
         missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
         if missing:
+            unplaced = [j.out_name for j in self.plan.jobs if j.out_name not in self._targets]
             raise MergeError(
                 f"the merged model has no value for parameter {missing[0]!r}: it is missing from "
-                f"{self.plan.reference.path}. The checkpoint does not match its config.json."
+                f"{self.plan.reference.path}" + (f", whose tensor {unplaced[0]!r} maps to no parameter of "
+                f"{type(model).__name__} (a load-time conversion of transformers evomerge does not follow; "
+                f"merge with evomerge-merge, which writes the checkpoint's layout)" if unplaced else
+                ". The checkpoint does not match its config.json") + "."
             )
         for buf_name, buf in model.named_buffers():
             where = self.device if self.device_map is None else placement.device_of(buf_name, self.device_map)
             if buf.device != where:
                 set_module_tensor_to_device(model, buf_name, where, value=buf)
         model.requires_grad_(False)
-        self._params = {job.out_name: model.get_parameter(job.out_name) for job in self.plan.jobs
-                        if job.out_name in self._param_names}
+        self._params = {job.out_name: view(model.get_parameter(t.param), t) for job in self.plan.jobs
+                        if (t := self._targets.get(job.out_name)) is not None}
         if self.device_map is not None:
             placement.dispatch(model, self.device_map)
 

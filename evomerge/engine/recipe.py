@@ -27,15 +27,14 @@ longer what mergekit computes: an explicit choice).
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from evomerge.checkpoints.writer import parse_dtype
-from evomerge.errors import RecipeError
+from evomerge.errors import CheckpointError, RecipeError
 
 Setting = Any  # float | bool | str | list[float] | list[dict]
 
@@ -77,12 +76,13 @@ class Recipe:
         if not isinstance(data, dict):
             raise RecipeError(f"{where}: a recipe must be a YAML mapping with at least merge_method and models or slices.")
         known = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-                 "tokenizer_source", "evomerge", "name", "tokenizer", "chat_template"}
+                 "tokenizer_source", "evomerge", "name", "tokenizer", "chat_template", "modules"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise RecipeError(f"{where}: unknown top-level key {unknown[0]!r}; valid keys are {sorted(known)}.")
         if "merge_method" not in data:
             raise RecipeError(f"{where}: missing merge_method (e.g. 'merge_method: ties').")
+        _check_unsupported(data, where)
         models = [_source(m, f"{where}: models[{i}]") for i, m in enumerate(data.get("models") or [])]
         slices = None
         if data.get("slices"):
@@ -90,6 +90,10 @@ class Recipe:
             for i, s in enumerate(data["slices"]):
                 if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
                     raise RecipeError(f"{where}: slices[{i}] needs a non-empty 'sources' list.")
+                for key in ("base_model", "residual_weight"):
+                    if s.get(key) is not None:
+                        raise RecipeError(f"{where}: slices[{i}].{key} (a per-slice {key}) is not supported by evomerge; "
+                                          f"set base_model at the top level, or merge the slices in separate recipes.")
                 srcs = [_source(x, f"{where}: slices[{i}].sources[{j}]", need_range=True)
                         for j, x in enumerate(s["sources"])]
                 lengths = {src.layer_range[1] - src.layer_range[0] for src in srcs}  # type: ignore[index]
@@ -101,16 +105,21 @@ class Recipe:
         if not models and not slices:
             raise RecipeError(f"{where}: the recipe lists no models; add 'models:' or 'slices:'.")
         extra = data.get("evomerge") or {}
-        if not isinstance(extra, dict):
-            raise RecipeError(f"{where}: 'evomerge' must be a mapping (seed, random_mode).")
+        if not isinstance(extra, dict) or set(extra) - {"seed", "random_mode", "compute_dtype"}:
+            raise RecipeError(f"{where}: 'evomerge' must be a mapping of seed, random_mode and compute_dtype, "
+                              f"got {extra!r}.")
         mode = extra.get("random_mode", "common")
         if mode not in ("common", "fresh"):
             raise RecipeError(f"{where}: evomerge.random_mode must be 'common' or 'fresh', got {mode!r}.")
         for key in ("dtype", "out_dtype"):
-            parse_dtype(data.get(key), f"{where}: {key}")
+            if isinstance(data.get(key), str):  # mergekit also reads torch.float16
+                data = {**data, key: data[key].removeprefix("torch.")}
+            _check_dtype(data.get(key), f"{where}: {key}")
         compute = extra.get("compute_dtype")
-        parse_dtype(compute, f"{where}: evomerge.compute_dtype")
+        _check_dtype(compute, f"{where}: evomerge.compute_dtype")
         tok = data.get("tokenizer_source")
+        if isinstance(data.get("tokenizer"), dict):
+            tok = data["tokenizer"].get("source")
         return cls(
             merge_method=str(data["merge_method"]),
             models=models,
@@ -182,6 +191,37 @@ class Recipe:
         return (self.merge_method, self.base_model, layout, self.compute_dtype or self.dtype)
 
 
+def _check_dtype(name: Any, where: str) -> None:
+    try:
+        parse_dtype(name, where)
+    except CheckpointError as exc:
+        raise RecipeError(str(exc)) from None
+
+
+def _check_unsupported(data: dict[str, Any], where: str) -> None:
+    """mergekit keys evomerge does not implement: one clear error each, before any work."""
+    if data.get("modules"):
+        raise RecipeError(
+            f"{where}: 'modules:' (a multi-module recipe: {', '.join(map(str, data['modules']))}) is not supported by "
+            f"evomerge, which merges single-module causal language models; write that module's models: or slices: "
+            f"at the top level of the recipe.")
+    if data.get("chat_template") is not None:
+        raise RecipeError(
+            f"{where}: 'chat_template' is not supported by evomerge-merge; remove it and set the template on the "
+            f"merged model's tokenizer (tokenizer.chat_template = ...; tokenizer.save_pretrained(OUT)).")
+    tok = data.get("tokenizer")
+    if tok is not None:
+        if data.get("tokenizer_source") is not None:
+            raise RecipeError(f"{where}: give tokenizer_source or a tokenizer: block, not both (as in mergekit).")
+        if not isinstance(tok, dict) or set(tok) - {"source", "tokens", "pad_to_multiple_of"}:
+            raise RecipeError(f"{where}: tokenizer: must be a mapping of source, tokens and pad_to_multiple_of, got {tok!r}.")
+        for key in ("tokens", "pad_to_multiple_of"):
+            if tok.get(key):
+                raise RecipeError(
+                    f"{where}: tokenizer.{key} (embeddings built for added tokens or a padded vocabulary) is not "
+                    f"supported by evomerge; merge models that share one vocabulary and keep tokenizer.source only.")
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
@@ -205,17 +245,25 @@ def _params(value: Any, where: str) -> dict[str, Setting]:
     return dict(value)
 
 
-def _check_setting(setting: Any, where: str) -> None:
-    if isinstance(setting, (int, float, bool, str)):
+_SCALAR = (int, float, bool, str)
+
+
+def _check_setting(setting: Any, where: str, in_condition: bool = False) -> None:
+    """The value shapes mergekit's pydantic config accepts: a scalar, a list of scalars (a gradient), a
+    ``{filter, value}`` condition or a list of them (whose values are scalars or gradients)."""
+    if isinstance(setting, _SCALAR):
         return
-    if isinstance(setting, list) and setting:
-        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in setting):
-            return
-        if all(isinstance(x, dict) for x in setting):
-            for i, cond in enumerate(setting):
+    if isinstance(setting, list) and all(isinstance(x, _SCALAR) for x in setting):
+        return
+    if not in_condition:
+        conds = [setting] if isinstance(setting, dict) else setting
+        if isinstance(conds, list) and conds and all(isinstance(x, dict) for x in conds):
+            for i, cond in enumerate(conds):
                 if "value" not in cond or set(cond) - {"filter", "value"}:
                     raise RecipeError(f"{where}[{i}]: a condition needs 'value' and may have 'filter', nothing else.")
-                _check_setting(cond["value"], f"{where}[{i}].value")
+                if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+                    raise RecipeError(f"{where}[{i}].filter must be a string (a part of tensor names), got {cond['filter']!r}.")
+                _check_setting(cond["value"], f"{where}[{i}].value", in_condition=True)
             return
     raise RecipeError(
         f"{where}: {setting!r} is not a valid parameter value; use a number, a list of numbers (interpolated across "
@@ -247,19 +295,33 @@ def _source_dict(s: Source) -> dict[str, Any]:
     return d
 
 
-def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:
-    """mergekit's value rules: scalar, gradient list, or filtered conditions (None when no condition matches)."""
-    if isinstance(setting, (int, float, bool, str)) or setting is None:
-        return setting
+def evaluate_setting(setting: Setting, tensor_name: str, t: float,
+                     coerce: Callable[[Any], Any] | None = None) -> Any:
+    """mergekit 0.1.5's value rules (None when no condition matches, or for an empty list).
+
+    ``coerce`` converts a raw value to the parameter's type first (numbers written as YAML strings, such as
+    ``1e-5``, become floats), as mergekit validates each element before it interpolates: numeric lists
+    interpolate linearly at ``t``, other lists take element ``int(t * (n - 1))``.
+    """
+    conv = coerce or (lambda v: v)
+    if setting is None:
+        return None
+    if isinstance(setting, _SCALAR):
+        return conv(setting)
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not setting:
+        return None
     if all(isinstance(x, dict) for x in setting):
         for cond in setting:
-            if cond.get("filter") in (None, "*") or cond["filter"] in tensor_name:
-                return evaluate_setting(cond["value"], tensor_name, t)
+            if cond.get("filter") in (None, "*") or (tensor_name and cond["filter"] in tensor_name):
+                return evaluate_setting(cond["value"], tensor_name, t, coerce)
         return None
-    if len(setting) == 1:
-        return float(setting[0])
-    scaled = t * (len(setting) - 1)
-    i0 = int(math.floor(scaled))
-    i1 = min(len(setting) - 1, i0 + 1)
+    values = [conv(x) for x in setting]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return values[int(t * (len(values) - 1))]
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
     frac = scaled - i0
-    return (1 - frac) * setting[i0] + frac * setting[i1]
+    return conv((1 - frac) * values[i0] + frac * values[i1])

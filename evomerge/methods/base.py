@@ -103,6 +103,10 @@ class MergeInputs:
         return self.aux[i] if self.aux is not None else None
 
 
+_TRUE = ("true", "t", "yes", "y", "on", "1")
+_FALSE = ("false", "f", "no", "n", "off", "0")
+
+
 @dataclass(frozen=True)
 class ParamDef:
     """A recipe parameter: its default (``None`` = required) and its valid range."""
@@ -118,6 +122,26 @@ class ParamDef:
     @property
     def required(self) -> bool:
         return self.default is None
+
+    def coerce(self, value: Any) -> Any:
+        """A recipe's raw value as this parameter's type, leniently, as mergekit's pydantic reads it: numbers
+        written as strings (``tol: 1e-5``, which YAML reads as a string), booleans as words or 0 / 1.
+        What cannot be converted is returned unchanged, for :meth:`check` to name."""
+        if self.kind is bool:
+            if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+                return value.strip().lower() in _TRUE
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value in (0, 1):
+                return bool(value)
+            return value
+        if self.kind in (int, float):
+            if isinstance(value, bool):
+                return self.kind(value)
+            if isinstance(value, str):
+                try:
+                    return float(value.strip())
+                except ValueError:
+                    return value
+        return value
 
     def check(self, value: Any, where: str) -> Any:
         if self.kind is bool:
