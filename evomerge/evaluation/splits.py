@@ -1,4 +1,4 @@
-"""Which items of a task each logical split uses: ``search`` (optimised), ``test`` (held out), the shots.
+"""Which items of a task each logical split uses: ``search`` (optimised), ``select`` (chooses), ``test`` (held out).
 
 Why: a merge search needs, per task, items it may optimise and disjoint items it only reports.
 evomerge's generated tasks have ``search`` and ``test`` splits; lm-eval's tasks and users' tasks
@@ -8,6 +8,14 @@ user names (``search_split: train``) or from a seeded partition of one split (``
 ``test_split``) less what a partition gave the search. Items are identified by a digest of their
 document, so "disjoint" is checked on content: a search item equal to a test item is dropped
 from the search, and a few-shot example equal to a test item is never shown.
+
+The optional ``select`` split chooses the winner among the top candidates and the baselines at the
+end of a search and is never optimised (the trials never see it), so the winner's score there is
+not inflated by the search's fitting of its own sample. Its items come from a named split
+(``select_split``), from a partition's share (``partition: {..., select: 0.2}``) or are carved out
+of the search split's items (``select: 0.3``, by the same content-seeded ranking as a partition).
+It is off by default (the end of the search then chooses on the search split), so studies from
+before it existed keep their fingerprints. Select items are never few-shot examples either.
 
 Few-shot examples are lm-eval's own (``num_fewshot``, drawn from the task's fewshot / training
 split, or lm-eval's fallback), with two changes that the search needs: the examples of an item
@@ -28,8 +36,8 @@ from typing import Any
 
 from evomerge.errors import ConfigError
 
-SEARCH, TEST = "search", "test"
-LOGICAL = (SEARCH, TEST)
+SEARCH, SELECT, TEST = "search", "select", "test"
+LOGICAL = (SEARCH, SELECT, TEST)
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,7 @@ class Partition:
     split: str | None       # None: the task's own evaluation split
     search: float           # a fraction (0 < x < 1) or a count (>= 1) of the split's items
     seed: int = 0
+    select: float | None = None  # the select split's share (as ``search``), taken after the search's; None: none
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,8 @@ class TaskSplits:
     test_split: str | None = None   # None: the task's own evaluation split (test_split, else validation_split)
     partition: Partition | None = None
     num_fewshot: int | None = None  # None: the task's own
+    select_split: str | None = None  # the split whose items choose the winner (None: see ``select``)
+    select: float | None = None      # a share (fraction or count) of the search items carved out to choose the winner
     overrides: dict[str, Any] = field(default_factory=dict)  # other lm-eval task config keys
 
     def is_default(self) -> bool:
@@ -111,6 +122,12 @@ class SplitPlan:
                 out[name] = self._resolve_task(name, opts, task)
             except ConfigError as exc:
                 problems.append(str(exc))
+        with_select = sorted(t for t, by in out.items() if SELECT in by)
+        if with_select and len(with_select) < len(out):
+            problems.append(f"tasks {', '.join(with_select)} have select items and "
+                            f"{', '.join(sorted(set(out) - set(with_select)))} none: the winner is chosen on every "
+                            f"task's select items or on none, so give every task select items (tasks.select: 0.3 "
+                            f"sets a default for all) or none.")
         if problems:
             raise ConfigError("\n\n".join(problems))
         self._splits = out
@@ -142,9 +159,12 @@ class SplitPlan:
                 raise ConfigError(f"{where}: partition.split {source!r} and test_split {opts.test_split!r} disagree; a "
                                   f"partition's test items are the rest of its split, so drop test_split.")
             docs = _docs(task, source)
-            search_ids, test_ids = _partition([doc_digest(d) for d in docs], p, where)
+            search_ids, select_ids, test_ids = _partition([doc_digest(d) for d in docs], p, where)
             splits = {SEARCH: _pick(source, docs, search_ids), TEST: _pick(source, docs, test_ids)}
-            self._notes[name] = {"how": "partition", "partition": {"split": source, "search": p.search, "seed": p.seed}}
+            if p.select is not None:
+                splits[SELECT] = _pick(source, docs, select_ids)
+            note = {"split": source, "search": p.search, "seed": p.seed, **({"select": p.select} if p.select else {})}
+            self._notes[name] = {"how": "partition", "partition": note}
         else:
             test_src = need(opts.test_split or own, "test_split")
             search_src = need(opts.search_split, "search_split")
@@ -162,10 +182,50 @@ class SplitPlan:
                                   f"{test_src!r}; name a split with other items for the search.")
             splits = {SEARCH: _pick(search_src, search_docs, keep), TEST: test}
             self._notes[name] = {"how": "split", "dropped_from_search": len(search_docs) - len(keep)}
+        if opts.select_split is not None or opts.select is not None:
+            self._select(name, opts, splits, task, lambda split: need(split, "select_split"))
         if not splits[TEST].ids:
             raise ConfigError(f"{where}: its test split {splits[TEST].source!r} has no items left; give it some.")
-        self._pools[name] = self._shot_pool(name, task, set(splits[TEST].digests))
+        if not splits[SEARCH].ids:
+            raise ConfigError(f"{where}: its search split {splits[SEARCH].source!r} has no items left; give it some.")
+        held = set(splits[TEST].digests) | set(splits[SELECT].digests if SELECT in splits else ())
+        self._pools[name] = self._shot_pool(name, task, held)
         return splits
+
+    def _select(self, name: str, opts: TaskSplits, splits: dict[str, _Resolved], task: Any, need: Any) -> None:
+        """Add the task's select items to ``splits``: a named split less the test items, or a carved share of
+        the search items; either way the search keeps none of them."""
+        where = f"task {name!r}"
+        if opts.partition is not None and opts.partition.select is not None:
+            raise ConfigError(f"{where}: partition.select and select / select_split both say where the select items "
+                              f"come from; keep one.")
+        if opts.select_split is not None and opts.select is not None:
+            raise ConfigError(f"{where}: select_split ({opts.select_split!r}) and select ({opts.select!r}) both say "
+                              f"where the select items come from; keep one.")
+        search = splits[SEARCH]
+        if opts.select_split is not None:
+            src = need(opts.select_split)
+            if src in (search.source, splits[TEST].source):
+                raise ConfigError(f"{where}: select_split {src!r} is also its "
+                                  f"{'search' if src == search.source else 'test'} split; name a third split, or carve "
+                                  f"the select items out of the search items with `select: 0.3` (a share of them).")
+            held = set(splits[TEST].digests)
+            docs = _docs(task, src)
+            sel = _pick(src, docs, [i for i, d in enumerate(docs) if doc_digest(d) not in held])
+        else:
+            _, sel_ids, _ = _partition(search.digests, Partition(None, float(opts.select), seed=0, select=None), where,
+                                       keep_rest=True)
+            sel = _Resolved(search.source, [search.ids[i] for i in sel_ids], [search.digests[i] for i in sel_ids],
+                            [search.docs[i] for i in sel_ids])
+        if not sel.ids:
+            raise ConfigError(f"{where}: its select split {sel.source!r} has no items outside the test items.")
+        chosen = set(sel.digests)
+        keep = [i for i, d in enumerate(search.digests) if d not in chosen]
+        splits[SEARCH] = _Resolved(search.source, [search.ids[i] for i in keep], [search.digests[i] for i in keep],
+                                   [search.docs[i] for i in keep])
+        self._notes[name]["select"] = {"split": sel.source, **({"share": opts.select} if opts.select is not None else {}),
+                                       "dropped_from_search": len(search.ids) - len(keep)}
+        splits[SELECT] = sel
 
     def _shot_pool(self, name: str, task: Any, held: set[str]) -> list[Any] | None:
         """lm-eval's few-shot pool for the task, less every test item."""
@@ -212,6 +272,15 @@ class SplitPlan:
             raise ConfigError(f"split {split!r}: the tasks config defines the logical splits {', '.join(LOGICAL)} only.")
         if self._splits is None:
             raise RuntimeError("SplitPlan.resolve(task_manager) must run first")
+        if not self.has(split):
+            raise ConfigError(f"split {split!r}: the tasks config gives no task select items (set `tasks.select: 0.3`, "
+                              f"a select_split, or a partition's select share).")
+
+    def has(self, split: str) -> bool:
+        """Whether the tasks define this logical split (``select`` is optional; every task has it or none does)."""
+        if self._splits is None:
+            raise RuntimeError("SplitPlan.resolve(task_manager) must run first")
+        return all(split in by for by in self._splits.values())
 
     def counts(self) -> dict[str, dict[str, int]]:
         assert self._splits is not None
@@ -307,22 +376,39 @@ def _pick(source: str, docs: list[Any], ids: Any) -> _Resolved:
     return _Resolved(source, ids, [doc_digest(docs[i]) for i in ids], [docs[i] for i in ids])
 
 
-def _partition(digests: list[str], p: Partition, where: str) -> tuple[list[int], list[int]]:
-    """Search and test positions: items ranked by a seeded digest, the first ones to the search.
+def _partition(digests: list[str], p: Partition, where: str, *,
+               keep_rest: bool = False) -> tuple[list[int], list[int], list[int]]:
+    """Search, select and test positions: items ranked by a seeded digest, the first ones to the search,
+    the next ``p.select`` (if any) to select, the rest to test.
 
     An item's side depends on its content and the seed only (not on the file's order), and equal
-    documents share a side, so the two sets never hold the same item.
+    documents share a side, so the sets never hold the same item. ``keep_rest``: carving select items
+    out of a search split (``p.search`` is then the select share and the rest stays with the search).
     """
     unique = sorted(set(digests), key=lambda d: hashlib.sha256(f"{p.seed}/{d}".encode()).hexdigest())
     n = len(unique)
-    want = int(round(p.search * n)) if p.search < 1 else int(p.search)
-    if not 0 < want < n:
+
+    def share(x: float) -> int:
+        return round(x * n) if x < 1 else int(x)
+
+    if keep_rest:  # the select items first, the search keeps the rest
+        want = share(p.search)
+        if not 0 < want < n:
+            raise ConfigError(f"{where}: select = {p.search!r} carves {want} of the search split's {n} distinct items "
+                              f"out for select; both need at least one (a fraction in (0, 1), or a count below {n}).")
+        chosen = set(unique[:want])
+        return ([i for i, d in enumerate(digests) if d not in chosen], [i for i, d in enumerate(digests) if d in chosen], [])
+    want = share(p.search)
+    extra = share(p.select) if p.select is not None else 0
+    if not 0 < want < n and p.select is None:
         raise ConfigError(f"{where}: partition.search = {p.search!r} gives {want} of the split's {n} distinct items to "
                           f"the search; both sides need at least one (a fraction in (0, 1), or a count below {n}).")
-    chosen = set(unique[:want])
-    search = [i for i, d in enumerate(digests) if d in chosen]
-    test = [i for i, d in enumerate(digests) if d not in chosen]
-    return search, test
+    if p.select is not None and not (0 < want < n and 0 < extra < n - want):
+        raise ConfigError(f"{where}: partition.search = {p.search!r} and select = {p.select!r} give {want} and {extra} "
+                          f"of the split's {n} distinct items to the search and select; search, select and test each "
+                          f"need at least one (fractions in (0, 1) summing below 1, or counts summing below {n}).")
+    side = {d: 0 if k < want else 1 if k < want + extra else 2 for k, d in enumerate(unique)}
+    return tuple([i for i, d in enumerate(digests) if side[d] == s] for s in range(3))  # type: ignore[return-value]
 
 
 def _seeded_shots(task: Any, pool: list[Any], seed: int) -> None:

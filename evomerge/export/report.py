@@ -174,8 +174,12 @@ def write_report(run_dir: Path, study: optuna.Study, summary: dict[str, Any], wi
               f"- storage: `{summary.get('storage')}` (open it with `optuna-dashboard {summary.get('storage')}`)", ""]
     best = summary.get("best") or {}
     rule = summary.get("winner_rule") or "the best candidate on the search split"
+    roles = summary.get("split_roles") or {"search": "optimised", "test": "reported only"}
+    select = "select" in roles
     lines += ["## Scores", "", f"Winner: {rule}.", "",
-              "| candidate | search | search (all items) | test (held out) |", "|---|---|---|---|"]
+              "Splits: " + "; ".join(f"{k}: {v}" for k, v in roles.items()) + ".", "",
+              "| candidate | search | search (all items) |" + (" select (chose) |" if select else "") + " test (held out) |",
+              "|---|---|---|---|" + ("---|" if select else "")]
     rows = [best] + list((summary.get("baselines") or {}).values()) + list(summary.get("top") or [])
     seen: set[Any] = set()
     for r in rows:
@@ -185,7 +189,9 @@ def write_report(run_dir: Path, study: optuna.Study, summary: dict[str, Any], wi
         label = r.get("label", "")
         if r is best:
             label = f"**winner: {label}**"
-        lines.append(f"| {label} | {_f(r.get('search_fitness'))} | {_f(r.get('search_full_fitness'))} | {_f(r.get('test_fitness'))} |")
+        sel = f" {_f(r.get('select_fitness'))} |" if select else ""
+        lines.append(f"| {label} | {_f(r.get('search_fitness'))} | {_f(r.get('search_full_fitness'))} |{sel} "
+                     f"{_f(r.get('test_fitness'))} |")
     lines.append("")
     plots: list[tuple[str, Any]] = [("history.png", lambda p: plot_history(study, p))]
     seq = summary.get("layer_sequence")

@@ -50,6 +50,8 @@ def scores_markdown(label: str, rec: dict[str, Any], search_limit: Any) -> str:
     lines.append(f"| search ({'all items' if search_limit is None else f'limit {search_limit}'}) | {_f(rec.get('search_fitness'))} |")
     if rec.get("search_full_fitness") is not None:
         lines.append(f"| search (all items) | {_f(rec['search_full_fitness'])} |")
+    if rec.get("select_fitness") is not None:
+        lines.append(f"| select (never optimised; chose the winner) | {_f(rec['select_fitness'])} |")
     lines.append(f"| **test (held out)** | **{_f(rec.get('test_fitness'))}** |")
     metrics = rec.get("test_metrics") or {}
     if metrics:
@@ -58,7 +60,11 @@ def scores_markdown(label: str, rec: dict[str, Any], search_limit: Any) -> str:
             for m, v in ms.items():
                 if "stderr" not in m:
                     lines.append(f"| {task} | {m} | {_f(v)} |")
-    lines += ["", "The test split was never used to choose this model: candidates were ranked on the search split only."]
+    chose = ("the select split, whose items the search never scored" if rec.get("select_fitness") is not None
+             else "the search split only")
+    lines += ["", f"Splits: search: optimised; {'select: chose; ' if rec.get('select_fitness') is not None else ''}"
+                  f"test: reported only. The test split was never used to choose this model: candidates were "
+                  f"ranked on {chose}."]
     return "\n".join(lines)
 
 

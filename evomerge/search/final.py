@@ -1,10 +1,12 @@
 """The end of a search: re-score the best candidates and the baselines, pick the winner honestly.
 
-Why re-score on the full search split before choosing: trials were ranked on a
-``limit``-item sample, and the best of many noisy scores is biased upwards (the
-winner's curse). Re-scoring the top few on every search item and picking the
-winner there keeps the choice on the search split — the test split is only
-ever *reported*, never used to choose — while making it less of a lottery.
+Why re-score before choosing: trials were ranked on a ``limit``-item sample, and
+the best of many noisy scores is biased upwards (the winner's curse). With a
+``select`` split (see evaluation/splits.py) the winner is chosen there: items the
+search never scored, so a candidate that fitted the search sample gains nothing.
+Without one, the top few are re-scored on every search item and the winner is
+picked there, which makes the choice less of a lottery but still on items the
+search optimised. The test split is only ever *reported*, never used to choose.
 
 Results are kept in the study (user attribute ``final:<trial number>``), so a
 rerun after the search ended re-exports without re-scoring, and every worker
@@ -37,17 +39,25 @@ class Candidate:
     test: float | None = None
     test_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     test_values: list[float] = field(default_factory=list)
+    select: float | None = None  # fitness on the select split (None: no select split)
 
     @property
     def selection(self) -> float:
-        """What the winner is chosen by: the search split only."""
+        """What the winner is chosen by: the select split, else the search split (never the test split)."""
+        if self.select is not None:
+            return self.select
         return self.search if self.search_full is None else self.search_full
+
+    @property
+    def chosen_on(self) -> str:
+        """Which scores :attr:`selection` is (the summary and the model card say it)."""
+        return "select" if self.select is not None else "search_full" if self.search_full is not None else "search"
 
     def as_dict(self) -> dict[str, Any]:
         return {"trial": self.number, "label": self.label, "baseline": self.baseline, "search_fitness": self.search,
-                "search_full_fitness": self.search_full, "test_fitness": self.test, "values": self.values,
-                "test_values": self.test_values, "test_metrics": self.test_metrics, "seed": self.seed,
-                "search_se": self.se}
+                "search_full_fitness": self.search_full, "select_fitness": self.select, "test_fitness": self.test,
+                "values": self.values, "test_values": self.test_values, "test_metrics": self.test_metrics,
+                "seed": self.seed, "search_se": self.se, "chosen_on": self.chosen_on}
 
 
 @dataclass
@@ -104,13 +114,16 @@ def choose(top: list[Candidate], baselines: list[Candidate], margin_se: float) -
 
 def rescore(study: optuna.Study, genome: Any, get_engine: Any, scorer: Any, *, top_k: int, rescore_search: bool,
             search_limit: float | None, progress: bool = True, margin_se: float = 1.0,
-            cache: ScoreCache | None = None) -> FinalResult:
-    """Re-score the top candidates and the baselines, then pick the winner on the search split.
+            cache: ScoreCache | None = None, select_split: bool = False) -> FinalResult:
+    """Re-score the top candidates and the baselines, then pick the winner on the select split (``select_split``),
+    else on the search split.
 
     ``get_engine()`` builds the prepared merge only if some candidate still needs scoring. A searched
-    candidate wins over the best baseline only when its search-split advantage exceeds ``margin_se``
+    candidate wins over the best baseline only when its advantage where it is chosen exceeds ``margin_se``
     standard errors of the difference: a hand-made recipe is kept unless the evidence says otherwise.
-    ``cache`` (see score_cache.py) serves full-split scores that another run already computed.
+    ``rescore_search`` still re-scores every search item when there is a select split: the search/select
+    gap is then measured, not guessed. ``cache`` (see score_cache.py) serves full-split scores that another
+    run already computed.
     """
     start = time.perf_counter()
     top, baselines, front = select(study, top_k, genome.seed)
@@ -138,6 +151,9 @@ def rescore(study: optuna.Study, genome: Any, get_engine: Any, scorer: Any, *, t
         if rescore_search and search_limit is not None:
             full = full_split("search")
             record.update(search_full=full["fitness"], search_full_metrics=full["metrics"])
+        if select_split:
+            chosen = full_split("select")
+            record.update(select=chosen["fitness"], select_metrics=chosen["metrics"])
         test = full_split("test")
         record.update(test=test["fitness"], test_metrics=test["metrics"], test_values=test["values"])
         study.set_user_attr(f"final:{c.number}", record)
@@ -146,13 +162,18 @@ def rescore(study: optuna.Study, genome: Any, get_engine: Any, scorer: Any, *, t
     for c in everyone:
         rec = attrs.get(f"final:{c.number}", {})
         c.search_full = rec.get("search_full")
+        c.select = rec.get("select")
         c.test = rec.get("test")
         c.test_metrics = rec.get("test_metrics", {})
         c.test_values = rec.get("test_values", [])
         full = c.search_full is not None
-        metrics = rec.get("search_full_metrics") if full else trials[c.number].user_attrs.get("metrics")
+        if c.select is not None:  # the noise of what chooses: the select split's, all of its items
+            metrics, split, limit = rec.get("select_metrics"), "select", None
+        else:
+            metrics = rec.get("search_full_metrics") if full else trials[c.number].user_attrs.get("metrics")
+            split, limit = "search", None if full else search_limit
         try:
-            c.se = scorer.fitness_se(metrics, "search", None if full else search_limit) if metrics else None
+            c.se = scorer.fitness_se(metrics, split, limit) if metrics else None
         except Exception:  # noqa: BLE001 - no margin when the noise cannot be estimated
             c.se = None
     winner = choose(top, baselines, margin_se)

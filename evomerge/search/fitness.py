@@ -53,12 +53,20 @@ class TaskSpec:
         """What besides the metric weights gives a score its meaning (empty when every option is the default,
         so studies and cached scores from before these options existed keep their keys)."""
         out: dict[str, Any] = {}
-        splits = {t: asdict(s) for t, s in self.splits.items() if not s.is_default()}
+        splits = {t: _key_of(s) for t, s in self.splits.items() if not s.is_default()}
         if splits:
             out["splits"] = splits
         if self.apply_chat_template:
             out["chat"] = [self.apply_chat_template, self.fewshot_as_multiturn]
         return out
+
+
+def _key_of(s: TaskSplits) -> dict[str, Any]:
+    """A task's split options as a key, unset select options left out (keys from before they existed hold)."""
+    out = {k: v for k, v in asdict(s).items() if not (k in ("select_split", "select") and v is None)}
+    if out.get("partition") and out["partition"].get("select") is None:
+        out["partition"] = {k: v for k, v in out["partition"].items() if k != "select"}
+    return out
 
 
 @dataclass
@@ -69,7 +77,7 @@ class Score:
     seconds: float
 
 
-SPLIT_KEYS = ("search_split", "test_split", "partition", "num_fewshot")
+SPLIT_KEYS = ("search_split", "test_split", "partition", "num_fewshot", "select_split", "select")
 OPTION_KEYS = (*SPLIT_KEYS, "overrides", "filter")  # a task entry's keys that are not metric weights
 _MANAGED = {"task": "the entry's name", "test_split": "test_split", "num_fewshot": "num_fewshot"}
 
@@ -129,7 +137,7 @@ def _splits(cfg: dict[str, Any], key: str, default: TaskSplits, overrides: Any =
     given = {k: cfg[k] for k in SPLIT_KEYS if cfg.get(k) is not None}
     if "partition" in given and "search_split" in given and given["search_split"] != default.search_split:
         raise ConfigError(f"{key}: search_split and partition both say where the search items come from; keep one.")
-    for k in ("search_split", "test_split"):
+    for k in ("search_split", "test_split", "select_split"):
         if k in given and (not isinstance(given[k], str) or not given[k]):
             raise ConfigError(f"{key}.{k} = {given[k]!r}: the name of one of the task's splits, e.g. train.")
     partition = default.partition if "search_split" not in given else None
@@ -138,6 +146,11 @@ def _splits(cfg: dict[str, Any], key: str, default: TaskSplits, overrides: Any =
     shots = given.get("num_fewshot", default.num_fewshot)
     if shots is not None and (not isinstance(shots, int) or isinstance(shots, bool) or shots < 0):
         raise ConfigError(f"{key}.num_fewshot = {shots!r}: a whole number >= 0 (null: the task's own).")
+    select = given.get("select", default.select if "select_split" not in given else None)
+    if select is not None and (isinstance(select, bool) or not isinstance(select, (int, float)) or select <= 0
+                               or (select > 1 and select != int(select))):
+        raise ConfigError(f"{key}.select = {select!r}: the share of the search split's items held out to choose the "
+                          f"winner, a fraction in (0, 1) or a whole count >= 1 (null: no select split).")
     if overrides is None:
         overrides = dict(default.overrides)
     if not isinstance(overrides, dict):
@@ -147,22 +160,28 @@ def _splits(cfg: dict[str, Any], key: str, default: TaskSplits, overrides: Any =
             raise ConfigError(f"{key}.overrides.{k}: set by evomerge ({use}); remove it from overrides.")
     return TaskSplits(search_split=given.get("search_split", default.search_split),
                       test_split=given.get("test_split", default.test_split), partition=partition,
-                      num_fewshot=shots, overrides=dict(overrides))
+                      num_fewshot=shots, overrides=dict(overrides),
+                      select_split=given.get("select_split", default.select_split if "select" not in given else None),
+                      select=None if select is None else float(select))
 
 
 def _partition(value: Any, key: str) -> Partition:
-    if not isinstance(value, dict) or set(value) - {"split", "search", "seed"} or "search" not in value:
+    if not isinstance(value, dict) or set(value) - {"split", "search", "seed", "select"} or "search" not in value:
         raise ConfigError(f"{key} = {value!r}: a mapping {{split: SPLIT (null: the task's own test split), search: "
-                          f"FRACTION or COUNT, seed: N}}, e.g. {{split: test, search: 0.3, seed: 0}}.")
-    search, seed, split = value["search"], value.get("seed", 0), value.get("split")
-    if isinstance(search, bool) or not isinstance(search, (int, float)) or search <= 0 or (search > 1 and search != int(search)):
-        raise ConfigError(f"{key}.search = {search!r}: the search's share of the split's items, a fraction in (0, 1) or "
-                          f"a whole count >= 1.")
+                          f"FRACTION or COUNT, select: FRACTION or COUNT (optional), seed: N}}, e.g. "
+                          f"{{split: test, search: 0.3, select: 0.2, seed: 0}}.")
+    search, seed, split, select = value["search"], value.get("seed", 0), value.get("split"), value.get("select")
+    for name, x in (("search", search), ("select", select)):
+        if x is None and name == "select":
+            continue
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or x <= 0 or (x > 1 and x != int(x)):
+            raise ConfigError(f"{key}.{name} = {x!r}: the {name} split's share of the split's items, a fraction in "
+                              f"(0, 1) or a whole count >= 1.")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"{key}.seed = {seed!r}: a whole number.")
     if split is not None and (not isinstance(split, str) or not split):
         raise ConfigError(f"{key}.split = {split!r}: the name of one of the task's splits (null: its own test split).")
-    return Partition(split=split, search=float(search), seed=seed)
+    return Partition(split=split, search=float(search), seed=seed, select=None if select is None else float(select))
 
 
 def objective_names(spec: TaskSpec, multi_objective_sampler: bool) -> list[str]:
