@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterator
 
 import optuna
 from optuna.storages import JournalStorage
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.errors import ConfigError
 from evomerge.locks import FileMutex
+from evomerge.search.optuna_io import BaseHeartbeat, trial_id
 
 NO_LOCKS = "put the study in PostgreSQL instead (storage=postgres)"
 
@@ -180,11 +180,11 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
             beat = t.system_attrs.get(HEARTBEAT_ATTR)
             if beat is None:
                 continue  # not started yet by its worker (see cluster.Gate for trials that never beat)
-            seen = self._seen.get(t._trial_id)  # noqa: SLF001
+            seen = self._seen.get(trial_id(t))
             if seen is None or seen[0] != beat:
-                self._seen[t._trial_id] = (beat, now)  # noqa: SLF001
+                self._seen[trial_id(t)] = (beat, now)
             elif now - seen[1] > self.grace_period:
-                stale.append(t._trial_id)  # noqa: SLF001
+                stale.append(trial_id(t))
         return stale
 
     def get_heartbeat_interval(self) -> int | None:

@@ -25,6 +25,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.search.optuna_io import storage_of, study_id, trial_id
 from evomerge.search.storage import heartbeat_enabled
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -76,8 +77,8 @@ class Mirror:
     def __init__(self, study: optuna.Study, sampler_for: Callable[[dict[str, Any] | None], optuna.samplers.BaseSampler],
                  pruner: optuna.pruners.BasePruner) -> None:
         self.disk = study
-        self.storage = study._storage  # noqa: SLF001 - writes must go through Optuna's cache layer
-        self.study_id = study._study_id  # noqa: SLF001
+        self.storage = storage_of(study)
+        self.study_id = study_id(study)
         self.sampler_for = sampler_for
         self._sampler_ready = False
         self.mem = optuna.create_study(sampler=optuna.samplers.RandomSampler(), pruner=pruner,
@@ -93,10 +94,10 @@ class Mirror:
         waiting: list[int] = []
         for t in self.disk.get_trials(deepcopy=False):
             if t.state == TrialState.WAITING:
-                waiting.append(t._trial_id)  # noqa: SLF001
-            elif t.state in FINISHED and t._trial_id not in self._seen:  # noqa: SLF001
+                waiting.append(trial_id(t))
+            elif t.state in FINISHED and trial_id(t) not in self._seen:
                 new.append(t)
-                self._seen.add(t._trial_id)  # noqa: SLF001
+                self._seen.add(trial_id(t))
         self.mem.add_trials(new)
         self._waiting = waiting
 
@@ -118,20 +119,20 @@ class Mirror:
             fixed = claimed.system_attrs.get("fixed_params", {})
             self.mem.enqueue_trial(fixed, user_attrs=claimed.user_attrs, skip_if_exists=False)
             mt = self.mem.ask(dists)
-            ft = self.mem._storage.get_trial(mt._trial_id)  # noqa: SLF001
+            ft = storage_of(self.mem).get_trial(trial_id(mt))
             for name, value in ft.params.items():
                 dist = ft.distributions[name]
-                self.storage.set_trial_param(claimed._trial_id, name, dist.to_internal_repr(value), dist)  # noqa: SLF001
+                self.storage.set_trial_param(trial_id(claimed), name, dist.to_internal_repr(value), dist)
             for key, value in ft.system_attrs.items():
                 if key != "fixed_params":
-                    self.storage.set_trial_system_attr(claimed._trial_id, key, value)  # noqa: SLF001
-            disk_id, number, attrs = claimed._trial_id, claimed.number, claimed.user_attrs  # noqa: SLF001
+                    self.storage.set_trial_system_attr(trial_id(claimed), key, value)
+            disk_id, number, attrs = trial_id(claimed), claimed.number, claimed.user_attrs
         else:
             if not self._sampler_ready:
                 self.mem.sampler = self.sampler_for(self._best_baseline())
                 self._sampler_ready = True
             mt = self.mem.ask(dists)
-            ft = self.mem._storage.get_trial(mt._trial_id)  # noqa: SLF001
+            ft = storage_of(self.mem).get_trial(trial_id(mt))
             template = FrozenTrial(
                 number=0, state=TrialState.RUNNING, value=None, datetime_start=datetime.datetime.now(),
                 datetime_complete=None, params=ft.params, distributions=ft.distributions, user_attrs={},

@@ -20,6 +20,7 @@ import optuna
 import sqlalchemy
 
 from evomerge.errors import ConfigError
+from evomerge.search.optuna_io import journal_file
 
 Builder = Callable[[dict[str, Any], Path, Any], optuna.storages.BaseStorage]
 
@@ -163,12 +164,11 @@ def storage_url(storage: optuna.storages.BaseStorage) -> str | None:
         from evomerge.search.backends import mask_url
 
         return mask_url(str(url))  # never a password in summaries and logs
-    backend = getattr(storage, "_backend", None)
-    path = getattr(backend, "_file_path", None)
+    path = journal_file(storage)
     return None if path is None else str(path)
 
 
 def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
     """Whether dead workers are detected by heartbeat (else: by taking over RUNNING trials at start-up)."""
-    get = getattr(storage, "get_heartbeat_interval", None)  # also through Optuna's cache wrapper (study._storage)
+    get = getattr(storage, "get_heartbeat_interval", None)  # also through Optuna's cache wrapper (optuna_io.storage_of)
     return get is not None and get() is not None

@@ -34,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from evomerge.search import driver
+from evomerge.search.optuna_io import storage_of, trial_id
 from evomerge.search.storage import heartbeat_enabled
 
 WORKER_ATTR = "worker"  # trial user attribute: the worker that runs (ran) it
@@ -66,7 +67,7 @@ class Gate:
 
     def __init__(self, inner: Any, study: optuna.Study, mutex: Any, n_trials: int, worker: str) -> None:
         self.inner, self.study, self.mutex, self.n_trials, self.worker = inner, study, mutex, n_trials, worker
-        self.storage = study._storage  # noqa: SLF001 - heartbeats and state changes go through Optuna's cache
+        self.storage = storage_of(study)  # heartbeats and state changes go through Optuna's cache
         self.heartbeats = heartbeat_enabled(self.storage)
         self.ran: list[int] = []
         self.last = Tally(0, 0, 0)
@@ -105,9 +106,9 @@ class Gate:
             if t.state == TrialState.RUNNING and WORKER_ATTR not in t.user_attrs:
                 # its worker died between taking the trial and marking it started
                 _retry(self.study, t)
-                self.storage.set_trial_user_attr(t._trial_id, "fail_reason",  # noqa: SLF001
+                self.storage.set_trial_user_attr(trial_id(t), "fail_reason",
                                                  "its worker died as the trial started; retried")
-                self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001
+                self.storage.set_trial_state_values(trial_id(t), TrialState.FAIL)
                 healed = True
             elif t.state == TrialState.FAIL and t.number not in retried and "fail_reason" not in t.user_attrs:
                 # failed as stale by a worker that died before it could enqueue the retry

@@ -22,16 +22,18 @@ from typing import Any, Iterator
 
 import optuna
 
+from evomerge.search.optuna_io import set_study_system_attr, study_system_attr
+
 FINAL_ATTR = "evomerge:final"
 MANIFEST = "evomerge-study.json"
 
 
 def _get(study: optuna.Study) -> dict[str, Any] | None:
-    return study._storage.get_study_system_attrs(study._study_id).get(FINAL_ATTR)  # noqa: SLF001
+    return study_system_attr(study, FINAL_ATTR)
 
 
 def _set(study: optuna.Study, record: dict[str, Any]) -> None:
-    study._storage.set_study_system_attr(study._study_id, FINAL_ATTR, record)  # noqa: SLF001
+    set_study_system_attr(study, FINAL_ATTR, record)
 
 
 def claim(study: optuna.Study, mutex: Any, worker: str, out_dir: Path, *, watch_s: float | None,

@@ -26,6 +26,7 @@ import optuna
 from evomerge.errors import ConfigError
 from evomerge.locks import FileMutex
 from evomerge.search.backends import NO_LOCKS, lock_key, mask_url
+from evomerge.search.optuna_io import journal_file
 
 LOCK_IDLE_TIMEOUT_S = 300  # a vanished node's advisory lock is freed by the server after this
 
@@ -63,7 +64,7 @@ def study_mutex(storage: optuna.storages.BaseStorage, study_name: str) -> PgMute
         if url.startswith("sqlite:///"):
             return FileMutex(Path(url[len("sqlite:///"):] + f".{lock_key(study_name) & 0xFFFFFFFF:08x}"), NO_LOCKS)
         raise ConfigError(f"cluster workers need storage=postgres, journal or sqlite; {mask_url(url)} is none of them.")
-    path = getattr(getattr(storage, "_backend", None), "_file_path", None)
+    path = journal_file(storage)
     if path is None:
         raise ConfigError("cluster workers need storage=postgres, journal or sqlite.")
     return FileMutex(Path(f"{path}.{lock_key(study_name) & 0xFFFFFFFF:08x}"), NO_LOCKS)
