@@ -152,7 +152,7 @@ class ClusterSession(SearchSession):
         mutex = study_mutex(self._make_storage(), name)
         with mutex:  # one worker at a time checks the search space and enqueues the baselines
             study = self._open_study()
-            driver.enqueue_baselines(study, self.genome.baselines())
+            self._enqueue_baselines(study)
             final_claim.write_manifest(self.run_dir, name, storage_cfg(self.raw))
         n_trials = self.spec.n_trials
         start_tally = tally(study.get_trials(deepcopy=False))

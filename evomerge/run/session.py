@@ -26,6 +26,7 @@ from evomerge.search.preflight import check_before_study
 from evomerge.search.samplers import make_pruner, make_sampler
 from evomerge.search.score_cache import ScoreCache
 from evomerge.search.spec import parse_search
+from evomerge.search.warm import parse_warm, warm_points
 from evomerge.search.storage import expect_study, make_storage, session_lock, storage_url
 
 
@@ -73,6 +74,7 @@ class SearchSession:
         check_before_study(self.scorer.evaluator, self.tasks, base=models.base or next(iter(self.sources.values())),
                            tokenizer_dir=self.tokenizer_dir,
                            genome=self.genome, n_trials=spec.n_trials, sampler=raw["sampler"], seed=int(raw.get("seed", 0)))
+        self.warm = warm_points(parse_warm(raw.get("warm_start")), self.genome)  # its errors, too, come first
 
     def _evaluator(self) -> Any:
         from evomerge.checkpoints.tokenizer import load_tokenizer
@@ -159,7 +161,7 @@ class SearchSession:
         taken = driver.take_over_dead_trials(study)
         if taken:
             print(f"evomerge: {taken} trial(s) interrupted by a dead process were marked failed and will be retried.")
-        driver.enqueue_baselines(study, self.genome.baselines())
+        self._enqueue_baselines(study)
         done = driver.count_finished(study)
         n_trials = self.spec.n_trials
         if done:
@@ -186,12 +188,18 @@ class SearchSession:
         _print_summary(summary, self.run_dir)
         return summary
 
+    def _enqueue_baselines(self, study: optuna.Study) -> None:
+        """The hand-set recipes, then the warm start's points (search/warm.py), each enqueued once per study."""
+        driver.enqueue_baselines(study, self.genome.baselines())
+        if self.warm:
+            driver.enqueue_baselines(study, {w.label: w.params for w in self.warm}, {w.label: w.seed for w in self.warm})
+
     def _rescore(self, study: optuna.Study, get_engine: Any) -> FinalResult:
         final = self.raw["final"]
         return rescore(study, self.genome, get_engine, self.scorer, top_k=int(final["top_k"]),
                        rescore_search=bool(final.get("rescore_search", True)), search_limit=self.spec.limit,
                        progress=self.progress, margin_se=float(final.get("margin_se", 1.0)),
-                       cache=self._score_cache())
+                       cache=self._score_cache(), select_split=self.scorer.evaluator.splits.has("select"))
 
     def _score_cache(self) -> ScoreCache | None:
         root = self.raw["final"].get("score_cache")
@@ -231,6 +239,7 @@ class SearchSession:
         start = time.perf_counter()
         run_dir = self.run_dir
         best = final.winner
+        chosen = "select" if self.scorer.evaluator.splits.has("select") else "search"
         by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
         if best is not None:
             export_trial(self.genome, by_number[best.number], run_dir / "best", scores=best.as_dict(),
@@ -252,9 +261,11 @@ class SearchSession:
             "best": None if best is None else best.as_dict(),
             "baselines": {c.label: c.as_dict() for c in final.baselines},
             "best_baseline": _best_baseline(final),
-            "winner_rule": (f"the best searched recipe if its search-split fitness beats the best baseline's by more "
+            "winner_rule": (f"the best searched recipe if its {chosen}-split fitness beats the best baseline's by more "
                             f"than {float(self.raw['final'].get('margin_se', 1.0)):g} standard error(s) of the "
                             f"difference, else that baseline; the test split is never used to choose"),
+            "split_roles": {"search": "optimised", **({"select": "chose the winner"} if chosen == "select" else {}),
+                            "test": "reported only"},
             "top": [c.as_dict() for c in final.candidates], "pareto_front": final.front,
             "timings": self.timings,
         }
@@ -346,10 +357,15 @@ def _print_summary(s: dict[str, Any], run_dir: Path) -> None:
     if s["best"]:
         rows.append((f"winner ({s['best']['label']})", s["best"]))
     rows += [(f"baseline {k}", v) for k, v in s["baselines"].items()]
-    print(f"  {'candidate':<34} {'search':>8} {'search*':>8} {'test':>8}")
+    select = "select" in (s.get("split_roles") or {})
+    head = f" {'select':>8}" if select else ""
+    print(f"  {'candidate':<34} {'search':>8} {'search*':>8}{head} {'test':>8}")
     for label, r in rows:
-        print(f"  {label:<34} {f(r['search_fitness']):>8} {f(r.get('search_full_fitness')):>8} {f(r['test_fitness']):>8}")
-    print("  (search: the search-time sample; search*: every search item; test: held out, never used to choose)")
+        sel = f" {f(r.get('select_fitness')):>8}" if select else ""
+        print(f"  {label:<34} {f(r['search_fitness']):>8} {f(r.get('search_full_fitness')):>8}{sel} {f(r['test_fitness']):>8}")
+    print("  (search: the search-time sample, optimised; search*: every search item; "
+          + ("select: never optimised, chose the winner; " if select else "")
+          + "test: held out, reported only, never used to choose)")
     pc = s["timings"].get("per_candidate") or {}
     if pc:
         print(f"  per candidate: merge {pc['merge_s']:.2f} s, evaluation {pc['eval_s']:.2f} s, overhead {pc['overhead_s']:.3f} s")

@@ -110,13 +110,20 @@ def take_over_dead_trials(study: optuna.Study) -> int:
     return n
 
 
-def enqueue_baselines(study: optuna.Study, baselines: dict[str, dict[str, Any]]) -> int:
-    """Enqueue each baseline once per study (idempotent across restarts)."""
+def enqueue_baselines(study: optuna.Study, baselines: dict[str, dict[str, Any]],
+                      seeds: dict[str, int | None] | None = None) -> int:
+    """Enqueue each baseline once per study (idempotent across restarts).
+
+    ``seeds``: a baseline's own mask seed (a warm start's earlier trial, see warm.py), so its recipe is the
+    one that was scored before.
+    """
     have = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)}
     n = 0
     for name, params in baselines.items():
         if name not in have:
-            study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=False)
+            seed = (seeds or {}).get(name)
+            attrs = {"baseline": name, **({"seed": int(seed)} if seed is not None else {})}
+            study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
             n += 1
     return n
 
