@@ -5,12 +5,14 @@ Usage: python experiments/bench_eval.py [--shapes tiny,smol] [--kinds ll,gen] [-
 
 For each model shape, task kind and dtype, in one process and alternating rep by rep, it times
 ``Evaluator.evaluate`` on the tasks' ``search`` split with ``backend="hflm"`` and ``backend="fast"``,
-and a bare batched forward pass over the work FastLM did: one sequence per distinct context holding
-the context and every continuation's tokens (log-likelihood), or per generated row the prompt and
-the generated tokens (generation, as one teacher-forced pass), batched only with sequences of
-exactly the same length (no padding, no KV cache, no Python between tokens), logits and
-log-softmax at the scored positions only. That pass is the machine's limit for this work. Token
-rates are the same work (FastLM's tokens through the model) over each one's seconds.
+and bare forward passes over the tokens FastLM put through the model: per distinct context, the
+context and every continuation's tokens (log-likelihood); per generated row, the prompt and the
+generated tokens (generation, as one teacher-forced pass). "dense": all those tokens end to end in
+rows as long as the longest sequence, full batches (no padding, no KV cache, no Python between
+tokens: the machine's limit for that many tokens, and the rate the ratios are against); "per
+sequence": one row per sequence, batched only with rows of exactly its length (no padding either,
+but more, smaller batches). Logits and log-softmax at as many positions as FastLM scores. Token
+rates are that work over each one's seconds.
 
 Shapes: ``tiny`` is the tiny zoo's ``add`` specialist; ``smol`` is a randomly initialised model of
 SmolLM2-135M's architecture (Llama, hidden 576, 30 layers, 9 heads, 3 KV heads, MLP 1536, vocab
@@ -47,17 +49,34 @@ def smol_model():
     return LlamaForCausalLM(cfg).eval()
 
 
-def bare_forward(model, work: list[tuple[int, int]], batch_size: int, device: torch.device, vocab: int) -> float:
-    """Seconds for one pass over sequences of the given (length, scored positions), equal lengths batched."""
+def bare_batches(work: list[tuple[int, int]], batch_size: int, vocab: int, dense: bool) -> list[tuple[torch.Tensor, int]]:
+    """(input ids, scored positions per row) batches holding exactly the work's tokens, no padding.
+
+    ``dense``: all the tokens end to end, cut into rows as long as the longest sequence, ``batch_size``
+    rows a batch (the rate the machine gives this many tokens); otherwise one row per sequence,
+    batched only with rows of exactly its length. Token ids are random: compute does not depend on them.
+    """
+    g = torch.Generator().manual_seed(0)
+    if dense:
+        width = max(n for n, _ in work)
+        total, scored = sum(n for n, _ in work), sum(k for _, k in work)
+        n_full, rest = divmod(total, width)
+        keep = -(-scored // (n_full + (rest > 0)))  # the scored positions spread evenly over the rows
+        out = [(torch.randint(4, vocab, (min(batch_size, n_full - b), width), generator=g), min(keep, width))
+               for b in range(0, n_full, batch_size)]
+        if rest:
+            out.append((torch.randint(4, vocab, (1, rest), generator=g), min(keep, rest)))
+        return out
     by_len: dict[int, list[int]] = {}
     for n, k in work:
         by_len.setdefault(n, []).append(k)
-    g = torch.Generator().manual_seed(0)
-    batches = []
-    for n, ks in sorted(by_len.items()):
-        for b in range(0, len(ks), batch_size):
-            chunk = ks[b:b + batch_size]
-            batches.append((torch.randint(4, vocab, (len(chunk), n), generator=g).to(device), max(chunk)))
+    return [(torch.randint(4, vocab, (len(ks[b:b + batch_size]), n), generator=g), max(ks[b:b + batch_size]))
+            for n, ks in sorted(by_len.items()) for b in range(0, len(ks), batch_size)]
+
+
+def bare_forward(model, batches: list[tuple[torch.Tensor, int]], device: torch.device) -> float:
+    """Seconds for one forward pass over the batches, logits and log-softmax at the scored positions only."""
+    batches = [(ids.to(device), k) for ids, k in batches]
     t = time.perf_counter()
     with torch.inference_mode():
         for ids, k in batches:
@@ -110,11 +129,14 @@ def main() -> None:
                 fast_lm.work = []
                 scores = {b: ev.evaluate(model, "search", limit=args.limit) for b, ev in evs.items()}  # warm-up
                 work, fast_lm.work = fast_lm.work, None
-                secs: dict[str, list[float]] = {"hflm": [], "fast": [], "bare": []}
+                bare = {name: bare_batches(work, args.batch_size, len(tok), dense=(name == "bare"))
+                        for name in ("bare", "bare_seq")}
+                secs: dict[str, list[float]] = {"hflm": [], "fast": [], "bare": [], "bare_seq": []}
                 for _ in range(args.reps):
                     for b, ev in evs.items():
                         secs[b].append(timed(lambda: ev.evaluate(model, "search", limit=args.limit), device))
-                    secs["bare"].append(bare_forward(model, work, args.batch_size, device, len(tok)))
+                    for name, batches in bare.items():
+                        secs[name].append(bare_forward(model, batches, device))
                 med = {k: statistics.median(v) for k, v in secs.items()}
                 tokens = sum(n for n, _ in work)
                 row = {"shape": shape, "kind": kind, "dtype": dtype_name, "items": args.limit * len(TASKS[kind]),
@@ -124,9 +146,9 @@ def main() -> None:
                        "fast_speedup_vs_hflm": med["hflm"] / med["fast"], "scores": scores}
                 rows.append(row)
                 print(_line(row), flush=True)
-    header = ("| shape | tasks | dtype | items | work tokens | HFLM s | fast s | bare forward s | HFLM tok/s | "
-              "fast tok/s | bare tok/s | fast / bare rate | HFLM / bare rate | fast vs HFLM |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    header = ("| shape | tasks | dtype | items | work tokens | HFLM s | fast s | bare s (dense) | bare s (per sequence) | "
+              "HFLM tok/s | fast tok/s | bare tok/s | fast / bare rate | HFLM / bare rate | fast vs HFLM |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     table = header + "\n" + "\n".join(_line(r) for r in rows)
     meta = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, batch size "
             f"{args.batch_size}, {args.reps} reps (medians), {args.limit} search items per task")
@@ -143,7 +165,7 @@ def main() -> None:
 def _line(r: dict) -> str:
     s, t = r["seconds"], r["tokens_per_s"]
     return (f"| {r['shape']} | {r['kind']} | {r['dtype']} | {r['items']} | {r['work_tokens']} | {s['hflm']:.3f} | "
-            f"{s['fast']:.3f} | {s['bare']:.3f} | {t['hflm']:.0f} | {t['fast']:.0f} | {t['bare']:.0f} | "
+            f"{s['fast']:.3f} | {s['bare']:.3f} | {s['bare_seq']:.3f} | {t['hflm']:.0f} | {t['fast']:.0f} | {t['bare']:.0f} | "
             f"{r['fast_over_bare']:.2f} | {r['hflm_over_bare']:.2f} | {r['fast_speedup_vs_hflm']:.2f}x |")
 
 

@@ -38,7 +38,6 @@ class Fwd:
     cache_name: str  # its KV-cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before
     packed: bool  # honours a custom 4D attention mask as given
     window: int | None  # sliding-window length, if any layer has one
-    dtype: torch.dtype
 
 
 def forward_args(model: torch.nn.Module, pack: bool | None = None) -> Fwd:
@@ -53,8 +52,7 @@ def forward_args(model: torch.nn.Module, pack: bool | None = None) -> Fwd:
         raise ValueError(f"{type(model).__name__} does not take a custom 4D attention mask; use pack=None")
     window = getattr(cfg, "sliding_window", None)
     return Fwd(keep="logits_to_keep" in params, cache_name="cache" if "cache" in params else "past_key_values",
-               packed=packable if pack is None else bool(pack), window=int(window) if window else None,
-               dtype=model.get_input_embeddings().weight.dtype)
+               packed=packable if pack is None else bool(pack), window=int(window) if window else None)
 
 
 def _cache_of(out: Any) -> Any:
@@ -94,7 +92,7 @@ def score_groups(
     Log-softmax is taken at scored positions only, in the logits' dtype, as lm-eval's HFLM does.
     """
     width = max(len(p) + sum(len(c) - 1 for c in cs) for p, cs in zip(prefixes, conts))
-    mask_bytes = len(prefixes) * width * width * torch.finfo(fwd.dtype).bits // 8
+    mask_bytes = len(prefixes) * width * width * model.get_input_embeddings().weight.element_size()
     if fwd.packed and (fwd.window is None or width <= fwd.window) and mask_bytes <= MASK_BYTES:
         return _score_packed(model, prefixes, conts, pad_id=pad_id, device=device, fwd=fwd)
     return _score_cached(model, prefixes, conts, pad_id=pad_id, device=device, fwd=fwd)
@@ -145,7 +143,8 @@ def _score_packed(model, prefixes, conts, *, pad_id: int, device: torch.device, 
     sq, sk = seg_t[:, :, None], seg_t[:, None, :]
     allowed = (cols[None, :] <= cols[:, None])[None] & (sk >= 0) & ((sk == 0) | (sk == sq))
     allowed |= torch.eye(width, dtype=torch.bool)[None]
-    mask = torch.zeros(allowed.shape, dtype=fwd.dtype).masked_fill_(~allowed, torch.finfo(fwd.dtype).min)
+    dtype = model.get_input_embeddings().weight.dtype  # the additive mask is in the model's dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     keep = max(len(t) - len(p) + 1 for (t, _, _), p in zip(rows, prefixes))  # the prefix's last column onwards
     out, _ = _call(model, fwd, keep=keep, input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
                    position_ids=pos_t.to(device), use_cache=False)

@@ -184,18 +184,18 @@ class FastLM(TemplateLM):
         if truncated:
             log.warning("FastLM: %d request(s) longer than max_length %d were truncated from the left",
                         truncated, limit)
-        # longest first, as HFLM (memory errors come early); then by continuation width, so that the
-        # continuations' pass pads little too
-        order = sorted(groups, key=lambda p: (-len(p), max(len(requests[i][2]) for i in groups[p]), p))
+        # by the tokens a context and its continuations put through the model, longest first (as HFLM:
+        # memory errors come early), so that a batch pads little
+        work = {p: len(p) + sum(len(requests[i][2]) - 1 for i in idx) for p, idx in groups.items()}
+        order = sorted(groups, key=lambda p: (-work[p], -len(p), p))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         with torch.inference_mode():
             for b in range(0, len(order), self.batch_size):
                 chunk = order[b:b + self.batch_size]
                 flat = score_groups(self.model, chunk, [[requests[i][2] for i in groups[p]] for p in chunk],
-                                           pad_id=self._pad_id, device=self._device, fwd=self._fwd)
+                                    pad_id=self._pad_id, device=self._device, fwd=self._fwd)
                 if self.work is not None:
-                    self.work.extend((len(p) + sum(len(requests[i][2]) - 1 for i in groups[p]),
-                                      1 + sum(len(requests[i][2]) - 1 for i in groups[p])) for p in chunk)
+                    self.work.extend((work[p], work[p] - len(p) + 1) for p in chunk)
                 for i, answer in zip((i for p in chunk for i in groups[p]), flat):
                     results[i] = answer
                     if requests[i][0] is not None:
