@@ -401,3 +401,16 @@ def test_cli_compute_dtype_flag_is_the_float32_option(low_precision, fam, tmp_pa
     got = mk.state(out)
     mk.assert_same_tensors(got, f32, label="--compute-dtype float32")
     assert any(not torch.equal(got[k], ours[k]) for k in ours)
+
+
+@pytest.mark.parametrize("name", ["ties", "linear"])
+def test_prepared_engine_computes_in_the_recipes_dtype(low_precision, fam, tmp_path, name):
+    """The search's engine under ``dtype: bfloat16`` gives the one-shot (and so mergekit's) bfloat16 values."""
+    from evomerge.engine.prepared import PreparedMerge
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_fill(LOW[name], fam) + "dtype: bfloat16\n")
+    got = PreparedMerge(load_recipe(recipe), device="cpu", progress=False).state_dict()
+    ours, _, theirs = low_precision[(name, "bfloat16")]
+    for k, v in got.items():
+        assert torch.equal(v, ours[k].float()) and torch.equal(v, theirs[k].float()), k
