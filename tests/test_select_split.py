@@ -171,3 +171,7 @@ def test_a_search_with_select_items_chooses_there_and_says_so(tiny_zoo, tmp_path
     card = (run_dir / "best/model/README.md").read_text()
     assert "select (never optimised; chose the winner)" in card and f"{best['select_fitness']:.4f}" in card
     assert "select: never optimised, chose the winner" in proc.stdout
+    import csv
+
+    rows = {int(r["number"]): r for r in csv.DictReader((run_dir / "trials.csv").open())}
+    assert all(float(rows[c["trial"]]["select_fitness"]) == pytest.approx(c["select_fitness"]) for c in everyone)

@@ -84,8 +84,8 @@ def test_a_recipe_file_maps_back_into_the_genome_that_wrote_it(first):
     winner = study.trials[study.user_attrs["winner"]]
     recipe = first / "best" / "recipe.yaml"
     genome = _genome(first)
-    (point,) = warm_points(parse_warm({"recipes": [str(recipe)]}), genome)
-    assert point.label == "warm:best/recipe"
+    point, twice = warm_points(parse_warm({"recipes": [str(recipe), str(recipe)]}), genome)
+    assert (point.label, twice.label) == ("warm:best/recipe", "warm:best/recipe#2")  # labels stay unique
     assert set(point.params) == set(winner.params)
     assert all(abs(point.params[k] - winner.params[k]) <= 5e-7 for k in winner.params)
     assert genome.recipe(point.params, seed=point.seed).to_dict() == genome.recipe(winner.params).to_dict()

@@ -105,7 +105,8 @@ def write_trials_csv(study: optuna.Study, path: Path) -> Path:
     n_values = max((len(t.values or []) for t in trials), default=0)
     final = {k.split(":", 1)[1]: v for k, v in study.user_attrs.items() if k.startswith("final:")}
     head = ["number", "state", "baseline", "fitness", *[f"value_{i}" for i in range(n_values) if n_values > 1],
-            "first_fitness", "search_full_fitness", "test_fitness", "merge_s", "eval_s", "seed", "retry_of",
+            "first_fitness", "search_full_fitness", "select_fitness", "test_fitness", "merge_s", "eval_s", "seed",
+            "retry_of",
             "fail_reason", *metric_cols, *params]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
@@ -120,7 +121,8 @@ def write_trials_csv(study: optuna.Study, path: Path) -> Path:
             metrics = ua.get("metrics") or {}
             row = [t.number, state, ua.get("baseline", ""), _cell(fitness),
                    *[_cell(t.values[i]) if t.values and i < len(t.values) else "" for i in range(n_values) if n_values > 1],
-                   _cell(t.intermediate_values.get(0)), _cell(rec.get("search_full")), _cell(rec.get("test")),
+                   _cell(t.intermediate_values.get(0)), _cell(rec.get("search_full")), _cell(rec.get("select")),
+                   _cell(rec.get("test")),
                    ua.get("merge_s", ""), ua.get("eval_s", ""), ua.get("seed", ""), ua.get("retry_of", ""),
                    ua.get("fail_reason", ""),
                    *[_cell(metrics.get(c.split("/", 1)[0], {}).get(c.split("/", 1)[1])) for c in metric_cols],

@@ -68,7 +68,16 @@ def warm_points(cfg: dict[str, Any] | None, genome: Any) -> list[WarmPoint]:
         return []
     if "study" in cfg:
         return _from_study(cfg, genome)
-    return [_from_recipe(Path(p), genome) for p in cfg["recipes"]]
+    points, seen = [], set()
+    for p in cfg["recipes"]:
+        point = _from_recipe(Path(p), genome)
+        label, k = point.label, 1
+        while label in seen:  # two runs' best/recipe.yaml: warm:best/recipe, warm:best/recipe#2
+            k += 1
+            label = f"{point.label}#{k}"
+        seen.add(label)
+        points.append(WarmPoint(label, point.params, point.seed))
+    return points
 
 
 # ---- an earlier study ----------------------------------------------------------------------------
@@ -88,7 +97,10 @@ def _load_study(source: str, study_name: str | None) -> optuna.Study:
             cfg = (yaml.safe_load(hydra_cfg.read_text()) or {}).get("storage") or cfg
         rel = Path(cfg.get("path") or "study.db")
         path = rel if rel.is_absolute() else run_dir / rel
-        if cfg.get("kind") == "postgres" or not path.is_file():
+        if cfg.get("kind") == "postgres":
+            raise ConfigError(f"{where}: that search's study lives in PostgreSQL; give its storage URL instead "
+                              f"(warm_start.study=postgresql://USER@HOST:5432/DB, study_name: NAME).")
+        if not path.is_file():
             raise ConfigError(f"{where}: {run_dir} holds no study file ({path} is missing); name the earlier search's "
                               f"run directory, or its storage URL (e.g. sqlite:///{path}).")
         storage = make_storage({**cfg, "heartbeat_interval": None}, run_dir)
