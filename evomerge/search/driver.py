@@ -31,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from evomerge.errors import EvomergeError
+from evomerge.search.optuna_io import storage_of, trial_id
 from evomerge.search.storage import heartbeat_enabled
 
 MAX_CONSECUTIVE_FAILURES = 5
@@ -98,13 +99,13 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
 
 def take_over_dead_trials(study: optuna.Study) -> int:
     """Fail and re-enqueue the trials a dead process left RUNNING (SQLite, one worker)."""
-    if heartbeat_enabled(study._storage):  # noqa: SLF001 - Optuna keeps the storage private
+    if heartbeat_enabled(storage_of(study)):
         optuna.storages.fail_stale_trials(study)
         return 0
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         retry_trial(study, t)
-        optuna.trial.Trial(study, t._trial_id).set_user_attr("fail_reason", "the process died while this trial ran")  # noqa: SLF001
+        optuna.trial.Trial(study, trial_id(t)).set_user_attr("fail_reason", "the process died while this trial ran")
         study.tell(t.number, state=TrialState.FAIL)
         n += 1
     return n
@@ -132,7 +133,7 @@ class _Heartbeat:
     """Records a RUNNING trial's heartbeat in the background (only when the storage has heartbeats)."""
 
     def __init__(self, study: optuna.Study, trial_id: int) -> None:
-        self.storage = study._storage  # noqa: SLF001
+        self.storage = storage_of(study)
         self.trial_id = trial_id
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
