@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from evomerge.checkpoints.experts import ExpertLayout
 from evomerge.errors import CheckpointError
 
+_SAFE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -143,6 +144,17 @@ class Checkpoint:
         if parts:
             return torch.cat([torch.stack([self._stored_get(p[e]) for e in sorted(p)]) for p in parts], dim=1)
         return self._stored_get(self._stored(name))
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype, from the file's header where it has one (no tensor read)."""
+        parts = self._layout.stacked.get(name)
+        stored = next(iter(parts[0].values())) if parts else self._stored(name)
+        file = self._weight_map[stored]
+        if file.suffix == ".safetensors":
+            found = _SAFE_DTYPES.get(self._open_safe(file).get_slice(stored).get_dtype())
+            if found is not None:
+                return found
+        return self._stored_get(stored).dtype
 
     def _stored_shape(self, name: str) -> tuple[int, ...]:
         file = self._weight_map[name]

@@ -135,10 +135,18 @@ def float32_math(plan: MergePlan) -> bool:
         return math_dtype(plan, parse_dtype(named)) == torch.float32  # type: ignore[arg-type]
     for job in plan.jobs:
         refs = ([job.base] if job.base else []) + list(job.models)
-        stored = [plan.checkpoints[r].get(n).dtype for r, n in refs]
+        stored = [_stored_dtype(plan.checkpoints[r], n) for r, n in refs]
         if math_dtype(plan, compute_dtype(plan.recipe, stored)) != torch.float32:
             return False
     return True
+
+
+def _stored_dtype(ckpt: object, name: str) -> torch.dtype:
+    """From the file header where the checkpoint reads one (a LoRA adapter's tensors are computed)."""
+    try:
+        return ckpt.dtype(name)  # type: ignore[attr-defined]
+    except AttributeError:
+        return ckpt.get(name).dtype  # type: ignore[attr-defined]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
