@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         rec = study.user_attrs.get(f"final:{number}", {})
         label = trial.user_attrs.get("baseline") or f"trial {number}"
         scores = {"label": label, "search_fitness": trial.user_attrs.get("fitness", trial.user_attrs.get("first_fitness")),
-                  "search_full_fitness": rec.get("search_full"), "test_fitness": rec.get("test"),
+                  "search_full_fitness": rec.get("search_full"), "select_fitness": rec.get("select"),
+                  "test_fitness": rec.get("test"),
                   "test_metrics": rec.get("test_metrics", {})}
         info = study.user_attrs.get("evomerge", {})
         out = Path(args.out) if args.out else run_dir / "trials" / f"trial_{number}"
