@@ -34,7 +34,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the app does (see evomerge/run/app.py)
 
-import torch  # noqa: E402
+import torch
 
 TASKS = {"ll": ["evomerge_add_ll", "evomerge_sub_ll"], "gen": ["evomerge_add", "evomerge_sub"]}
 
@@ -49,7 +49,8 @@ def smol_model():
     return LlamaForCausalLM(cfg).eval()
 
 
-def bare_batches(work: list[tuple[int, int]], batch_size: int, vocab: int, dense: bool) -> list[tuple[torch.Tensor, int]]:
+def bare_batches(work: list[tuple[int, int]], batch_size: int, vocab: int,
+                 dense: bool) -> list[tuple[torch.Tensor, int]]:
     """(input ids, scored positions per row) batches holding exactly the work's tokens, no padding.
 
     ``dense``: all the tokens end to end, cut into rows as long as the longest sequence, ``batch_size``
@@ -134,7 +135,8 @@ def main() -> None:
                 secs: dict[str, list[float]] = {"hflm": [], "fast": [], "bare": [], "bare_seq": []}
                 for _ in range(args.reps):
                     for b, ev in evs.items():
-                        secs[b].append(timed(lambda: ev.evaluate(model, "search", limit=args.limit), device))
+                        secs[b].append(timed(lambda ev=ev, model=model: ev.evaluate(model, "search", limit=args.limit),
+                                             device))
                     for name, batches in bare.items():
                         secs[name].append(bare_forward(model, batches, device))
                 med = {k: statistics.median(v) for k, v in secs.items()}

@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -98,7 +99,8 @@ def score_groups(
     return _score_cached(model, prefixes, conts, pad_id=pad_id, device=device, fwd=fwd)
 
 
-def _totals(logits: torch.Tensor, targets: list[int], req: list[int], col: list[int], n_req: int) -> list[tuple[float, bool]]:
+def _totals(logits: torch.Tensor, targets: list[int], req: list[int], col: list[int],
+            n_req: int) -> list[tuple[float, bool]]:
     """Per request: the sum of its tokens' log-probabilities and whether each was the argmax.
 
     ``logits[i]`` predicts ``targets[i]``, the ``col[i]``-th token of request ``req[i]``. Sums run in

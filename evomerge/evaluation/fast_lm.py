@@ -25,8 +25,13 @@ from typing import Any
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import (handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs,
-                                  postprocess_generated_text, resolve_max_length)
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+    resolve_max_length,
+)
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from evomerge.errors import ConfigError
@@ -125,8 +130,8 @@ class FastLM(TemplateLM):
         """HFLM's: the tokenizer's template; a template that refuses a system turn gets the turns without it."""
         import jinja2
 
-        kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt,
-                      continue_final_message=not add_generation_prompt)
+        kwargs = {"tokenize": False, "add_generation_prompt": add_generation_prompt,
+                  "continue_final_message": not add_generation_prompt}
         try:
             return self.tokenizer.apply_chat_template(chat_history, **kwargs)
         except jinja2.exceptions.TemplateError:
@@ -257,7 +262,7 @@ class FastLM(TemplateLM):
                 raise ConfigError(f"FastLM: max_gen_toks {max_gen} must be less than max_length {self.max_length}.")
             stops = [s for s in until if s]
 
-            def stopped(tokens: list[int]) -> bool:
+            def stopped(tokens: list[int], stops: list[str] = stops) -> bool:
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 return any(s in text for s in stops)
 
