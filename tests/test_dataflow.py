@@ -259,7 +259,7 @@ def test_search_runs_end_to_end_and_exports_the_scored_stack(tiny_zoo, tmp_path)
 
 
 def test_parameter_space_search_must_be_a_parameter_space_config(tmp_path):
-    from evomerge.search.dataflow import run_parameter_space
+    from evomerge.run.session import run_parameter_space
 
     with pytest.raises(ConfigError, match="no search config"):
         run_parameter_space({"study_name": "x"}, tmp_path, None, {"search": "no_such_search"})
