@@ -25,6 +25,8 @@ from evomerge.engine.prepared import PreparedMerge
 from evomerge.engine.recipe import load_recipe
 from model_factory import ARCHS, make_family
 
+pytestmark = pytest.mark.slow  # every architecture against mergekit: tiny families built per architecture
+
 MERGEKIT_FAILS = {"gpt_neox": "mergekit 0.1.5 requires attention.masked_bias, which transformers 5 does not save"}
 
 RECIPES = {

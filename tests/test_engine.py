@@ -54,6 +54,7 @@ def _generates(model_dir: Path) -> None:
     assert out.shape[1] == ids.shape[1] + 4
 
 
+@pytest.mark.slow  # a subprocess per architecture
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_cli_round_trip_loads_and_generates(tmp_path, arch):
     base, fts = make_family(tmp_path / "fam", arch, n_models=2)
@@ -236,6 +237,7 @@ FUSED_CASES = [
 ]
 
 
+@pytest.mark.slow  # torch.compile per method
 @pytest.mark.parametrize("method,params,glob", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
 def test_fused_kernel_matches_eager(llama, tmp_path, method, params, glob):
     """The one-pass compiled kernel computes the eager formula (float32 rounding aside)."""

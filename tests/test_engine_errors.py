@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from model_factory import make_family
 
+pytestmark = pytest.mark.slow  # each case runs evomerge-merge as a subprocess
+
 
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory):

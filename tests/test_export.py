@@ -71,6 +71,7 @@ def test_genome_rebuilds_from_the_study(run_dir):
     assert again.fingerprint() == genome.fingerprint()
 
 
+@pytest.mark.slow  # the CLI as a subprocess
 def test_export_cli_writes_recipe_model_and_card(run_dir, tmp_path):
     rd, genome, study = run_dir
     out = tmp_path / "t7"

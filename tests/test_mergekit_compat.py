@@ -32,6 +32,8 @@ from evomerge.engine.oneshot import merge_to_dir
 from evomerge.engine.recipe import load_recipe
 from model_factory import make_family
 
+pytestmark = pytest.mark.slow  # runs mergekit-yaml from its own venv
+
 
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory):
