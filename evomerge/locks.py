@@ -106,7 +106,7 @@ class SessionLock:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "workers of a cluster sweep"
             os.close(fd)
-            how = ("workers of one study run together with `worker=N` (README, 'Cluster sweeps')" if not self.shared
+            how = ("workers of one study run together with `worker=N` (docs/cluster.md)" if not self.shared
                    else "stop it first, or run every process as a worker (`worker=N`)")
             raise ConfigError(
                 f"{self.what} is in use by another evomerge process ({holder}); two searches on one study would "

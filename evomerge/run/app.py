@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     from evomerge.run.cluster import ClusterSession, is_cluster
 
-    session_cls = ClusterSession if is_cluster(raw) else SearchSession  # a worker of a shared study (README, "Cluster sweeps")
+    session_cls = ClusterSession if is_cluster(raw) else SearchSession  # a worker of a shared study (docs/cluster.md)
     session = session_cls(raw, run_dir, tasks, multi_objective=sampler == "nsga2", t0=t0)
     return session.run()
 

@@ -63,7 +63,7 @@ def postgres_url(cfg: dict[str, Any]) -> str:
     if not url:
         raise ConfigError(f"storage=postgres needs a database URL: export {ENV_URL}=postgresql://USER@HOST:5432/DB "
                           f"(password in ~/.pgpass or PGPASSWORD, or in the URL), or set storage.url. "
-                          f"See the README, 'Cluster sweeps'.")
+                          f"See docs/cluster.md.")
     url = str(url)
     if url.startswith("postgres://"):
         url = "postgresql://" + url[len("postgres://"):]

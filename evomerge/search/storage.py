@@ -133,7 +133,7 @@ def _journal(cfg: dict[str, Any], run_dir: Path, cb: Any) -> optuna.storages.Bas
     path = study_file({**cfg, "kind": "journal"}, run_dir)
     assert path is not None
     path.parent.mkdir(parents=True, exist_ok=True)
-    if cfg.get("heartbeat_interval"):  # workers share the file: dead ones are found by heartbeat (README, cluster)
+    if cfg.get("heartbeat_interval"):  # workers share the file: dead ones are found by heartbeat (docs/cluster.md)
         return journal_storage(path, cfg, cb)
     return JournalStorage(journal_backend(path))
 

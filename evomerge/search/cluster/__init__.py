@@ -2,5 +2,5 @@
 
 ``storage`` (PostgreSQL, journal heartbeats, the study mutex), ``budget`` (the
 gate every trial passes), ``final`` (the one final export), ``session`` (a
-worker). See the README, "Cluster sweeps".
+worker). See docs/cluster.md.
 """
