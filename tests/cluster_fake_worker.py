@@ -45,11 +45,13 @@ class Engine:
 
 
 class Scorer:
-    def __init__(self, engine: Engine, delay: float, die_at: int | None) -> None:
-        self.engine, self.delay, self.die_at, self.calls = engine, delay, die_at, 0
+    def __init__(self, engine: Engine, delay: float, die_at: int | None, started: Path | None = None) -> None:
+        self.engine, self.delay, self.die_at, self.calls, self.started = engine, delay, die_at, 0, started
 
     def score(self, model, split, limit) -> SimpleNamespace:
         self.calls += 1
+        if self.started is not None:
+            self.started.touch()  # the others may start: this worker holds a trial
         if self.die_at is not None and self.calls == self.die_at:
             time.sleep(self.delay / 2)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -71,6 +73,8 @@ def main() -> None:
     p.add_argument("--worker", default="0")
     p.add_argument("--heartbeat", type=int, default=1)
     p.add_argument("--grace", type=int, default=3)
+    p.add_argument("--started", default=None, help="touch this file at the first candidate (the victim)")
+    p.add_argument("--wait-for", default=None, help="take no trial before this file exists (the survivors)")
     args = p.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     import warnings
@@ -94,7 +98,7 @@ def main() -> None:
     label = f"{args.worker}@pid{os.getpid()}"
     sampler_for = lambda start: optuna.samplers.RandomSampler(seed=int(args.worker))  # noqa: E731
     loop = ClusterLoop(study, sampler_for, optuna.pruners.NopPruner(), genome, engine,
-                       Scorer(engine, args.delay, args.die_at), n_trials=args.n, limit=None, first_limit=None,
+                       Scorer(engine, args.delay, args.die_at, Path(args.started) if args.started else None), n_trials=args.n, limit=None, first_limit=None,
                        prune=False, seed=0, fresh_seeds=False, progress=False, mutex=mutex, worker=label, poll_s=0.2)
     if args.die_in_gate is not None:
         inner, asked = loop.gate.inner, []
@@ -108,6 +112,10 @@ def main() -> None:
             return trial
 
         inner.ask = ask
+    if args.wait_for:  # a victim that starts last on a loaded machine would find the budget spent
+        deadline = time.time() + 120
+        while not Path(args.wait_for).exists() and time.time() < deadline:
+            time.sleep(0.05)
     loop.run()
     won, claim = final.claim(study, mutex, label, Path("."), watch_s=None)
     if won:

@@ -79,8 +79,11 @@ def _fake(kind: str, where: str, n: int, worker: int, *extra: str) -> subprocess
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _fake_sweep(kind: str, where: str, n: int, workers: int, victim_args: list[str]) -> list[dict]:
-    procs = [_fake(kind, where, n, w, *(victim_args if w == 1 else [])) for w in range(workers)]
+def _fake_sweep(kind: str, where: str, n: int, workers: int, victim_args: list[str], started: Path) -> list[dict]:
+    """The victim (worker 1) takes a trial first; the others start their loops once it has (else, starting last
+    on a loaded machine, it could find the budget spent and never die)."""
+    procs = [_fake(kind, where, n, w, *([*victim_args, "--started", str(started)] if w == 1 else
+                                        ["--wait-for", str(started)])) for w in range(workers)]
     outs = []
     for w, p in enumerate(procs):
         out, err = p.communicate(timeout=180)
@@ -99,7 +102,7 @@ def test_budget_is_exact_when_a_worker_dies(kind, death, request, tmp_path):
     where = request.getfixturevalue("pg").create_database(f"fake_{death}") if kind == "postgres" else str(tmp_path / "s.journal")
     victim = ["--die-at", "3"] if death == "mid_trial" else ["--die-in-gate", "2"]
     n, workers = 20, 3
-    outs = _fake_sweep(kind, where, n, workers, victim)
+    outs = _fake_sweep(kind, where, n, workers, victim, tmp_path / "victim-started")
     study = optuna.load_study(study_name="fake", storage=where if kind == "postgres" else _journal(Path(where)))
     trials = study.get_trials()
     retries = _check_exact(trials, n, {"low", "high"})
