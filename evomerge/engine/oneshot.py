@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from evomerge.checkpoints.outdir import TOKENIZER_FILES, check_destination, side_files
 from evomerge.checkpoints.writer import dtype_name, parse_dtype, parse_size, write_model_dir
-from evomerge.engine.kernel import as_inputs, choose_fused, input_bytes, random_aux, resolve_device, run_job
+from evomerge.engine.jobs import as_inputs, choose_fused, input_bytes, random_aux, resolve_device, run_job
 from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
 from evomerge.engine.card import model_card

@@ -43,7 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from evomerge.engine import placement
 from evomerge.engine.live_names import live_targets, view
-from evomerge.engine.kernel import (as_inputs, choose_fused, input_bytes, random_aux, raise_if_not_finite, resolve_device,
+from evomerge.engine.jobs import (as_inputs, choose_fused, input_bytes, random_aux, raise_if_not_finite, resolve_device,
                                     run_job)
 from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe

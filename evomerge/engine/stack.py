@@ -41,7 +41,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from evomerge.checkpoints import Checkpoint, open_checkpoint
-from evomerge.engine.kernel import resolve_device
+from evomerge.engine.jobs import resolve_device
 from evomerge.engine.plan import LAYER_RE, MergePlan, layer_index
 from evomerge.engine.prepared import ApplyTiming, build_live_model
 from evomerge.engine.recipe import Recipe

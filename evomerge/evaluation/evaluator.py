@@ -2,12 +2,12 @@
 
 A merge search evaluates hundreds of candidates that differ only in their weights.
 Everything that does not depend on the weights is therefore built once per process
-and reused: the TaskManager (indexing lm-eval's ~14,700 built-in tasks costs 15 s,
+and reused: the TaskManager (indexing all of lm-eval's built-in tasks is slow,
 so it is skipped unless a built-in task is actually named), the task dict of each
 split (datasets, filters, metrics), and the HFLM wrapper around the live model
 (weights are changed in place by the merge engine, and lm-eval reads them at every
 forward pass). ``lm_eval.evaluator.evaluate`` is called directly: ``simple_evaluate``
-spends about a second per call on environment logging and reseeds global RNGs.
+spends time on every call logging the environment and reseeds global RNGs.
 
 The wrapper is ``backend="fast"`` (the default: :class:`evomerge.evaluation.fast_lm.FastLM`, each
 context run once for all its choices, logits only where scored, KV-cached greedy decoding, the
@@ -177,7 +177,7 @@ class Evaluator:
 
         tm = TaskManager(include_path=self.include_paths or None, include_defaults=False)
         missing = [t for t in self.tasks if t not in tm.all_tasks]
-        if missing:  # a built-in task is named: pay the 15 s index once
+        if missing:  # a built-in task is named: pay for the index once
             logging.getLogger(__name__).info("indexing lm-eval's built-in tasks for %s", missing)
             tm = TaskManager(include_path=self.include_paths or None, include_defaults=True)
             missing = [t for t in self.tasks if t not in tm.all_tasks]

@@ -82,8 +82,8 @@ def ascending_abs_at(delta: torch.Tensor, index: int, aux: SparsifyAux | None) -
 def _keep_abs_ge(delta: torch.Tensor, threshold: float) -> torch.Tensor:
     """A copy of delta with the entries below ``threshold`` in magnitude zeroed.
 
-    ``hardshrink`` keeps ``|x| > lambd`` in one float pass (2.5x faster than
-    abs + compare + multiply here); ``lambd`` is the float32 just below the
+    ``hardshrink`` keeps ``|x| > lambd`` in one float pass (faster than
+    abs + compare + multiply); ``lambd`` is the float32 just below the
     threshold, so exactly-equal entries are kept.
     """
     if delta.dtype != torch.float32:  # hardshrink's lambd would round to the delta's dtype

@@ -336,7 +336,7 @@ def _fitness_key(tasks: TaskSpec, objectives: list[str], limit: float | None) ->
 
 
 def _device(name: str) -> Any:
-    from evomerge.engine.kernel import resolve_device
+    from evomerge.engine.jobs import resolve_device
     from evomerge.errors import EvomergeError
 
     try:

@@ -165,7 +165,7 @@ class LoopStats:
     interrupted: bool = False
 
     def per_candidate(self) -> dict[str, float]:
-        """Medians: the first candidate of a process pays one-time imports (the sampler's ~1 s) that a mean would smear."""
+        """Medians: the first candidate of a process pays one-time imports (the sampler's) that a mean would smear."""
         n = len(self.total_s)
         if not n:
             return {}

@@ -125,7 +125,7 @@ def _sqlite(cfg: dict[str, Any], run_dir: Path, cb: Any) -> optuna.storages.Base
 
 
 def _journal(cfg: dict[str, Any], run_dir: Path, cb: Any) -> optuna.storages.BaseStorage:
-    """An append-only journal file: about 4x cheaper per trial than SQLite (see results/search_speed.md)."""
+    """An append-only journal file: cheaper per trial than SQLite (measured in results/search_speed.md)."""
     from optuna.storages import JournalStorage
 
     from evomerge.search.backends import journal_backend, journal_storage

@@ -165,7 +165,7 @@ def choose_fused(plan: MergePlan, device: torch.device, fused: bool | str, input
     """Whether to run the method's one-pass compiled kernel.
 
     ``auto``: where the method has one and the inputs are large enough (or on a GPU) to repay the
-    compile (~20 s the first time on a CPU, seconds once torch's on-disk cache holds it).
+    compile (slow the first time on a CPU, fast once torch's on-disk cache holds it).
     """
     ok = fused_kernels.fusable(plan.method) and float32_math(plan)
     if fused and not float32_math(plan):
