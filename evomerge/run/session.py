@@ -297,12 +297,10 @@ def run_parameter_space(raw: dict[str, Any], run_dir: Path, tasks: Any, ps: dict
         raise ConfigError("search.parameter_space runs the parameter-space search inside one process, not as cluster "
                           "workers: run that search first (`evomerge +search=ties_math ...`), then this one with its "
                           "winner as a source (`'models.specialists={ps: RUN_DIR/best/model}' 'search.sources=[...,ps]'`).")
-    path = Path(__file__).resolve().parents[1] / "conf" / "search" / f"{ps['search']}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"search.parameter_space.search = {ps['search']!r}: no search config {path}; name one of "
-                          f"{', '.join(sorted(p.stem for p in path.parent.glob('*.yaml')))}.")
-    loaded = OmegaConf.load(path)
-    if is_dataflow(OmegaConf.to_container(loaded)):  # type: ignore[arg-type]
+    from evomerge.search.config import compose_search
+
+    loaded = compose_search(ps["search"], "search.parameter_space.search")
+    if is_dataflow(loaded):
         raise ConfigError(f"search.parameter_space.search = {ps['search']!r} is itself a data-flow search; name a "
                           f"parameter-space one (ties_math, dare_ties_math, ...).")
     root = OmegaConf.create({k: v for k, v in raw.items() if k != "search"})
