@@ -81,7 +81,7 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     from evomerge.search import driver
-    from evomerge.search.cluster import final
+    from evomerge.search.cluster import export_claim
     from evomerge.search.cluster.budget import ClusterLoop
     from evomerge.search.cluster.storage import study_mutex
     from evomerge.search.storage import make_storage
@@ -117,9 +117,9 @@ def main() -> None:
         while not Path(args.wait_for).exists() and time.time() < deadline:
             time.sleep(0.05)
     loop.run()
-    won, claim = final.claim(study, mutex, label, Path("."), watch_s=None)
+    won, claim = export_claim.claim(study, mutex, label, Path("."), watch_s=None)
     if won:
-        with final.beating(study, claim, 0.2):
+        with export_claim.beating(study, claim, 0.2):
             time.sleep(0.5)
     print(json.dumps({"worker": label, "ran": loop.gate.ran, "won": won, "healed": loop.gate.healed}))
     sys.stdout.flush()

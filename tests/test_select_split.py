@@ -16,7 +16,7 @@ from test_user_tasks import EXAMPLE, _docs, _evaluator, _questions, _task_dir
 from evomerge.errors import ConfigError
 from evomerge.evaluation import Evaluator
 from evomerge.evaluation.splits import Partition, SplitPlan, TaskSplits
-from evomerge.search.final import Candidate, choose
+from evomerge.search.winner import Candidate, choose
 from evomerge.search.fitness import TaskSpec, parse_tasks
 
 APP = [sys.executable, "-m", "evomerge.run.app"]

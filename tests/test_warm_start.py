@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from evomerge.errors import ConfigError
-from evomerge.search.final import fitness_of
+from evomerge.search.winner import fitness_of
 from evomerge.search.warm import parse_warm, warm_points
 
 APP = [sys.executable, "-m", "evomerge.run.app"]

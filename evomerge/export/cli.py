@@ -28,7 +28,7 @@ def _open_storage(run_dir: Path, given: str | None):
     """The run's Optuna storage: --storage, else what its Hydra config says, else RUN_DIR/study.db."""
     if given:
         return given
-    from evomerge.search.cluster.final import manifest_storage
+    from evomerge.search.cluster.manifest import manifest_storage
     from evomerge.search.storage import make_storage
 
     shared = manifest_storage(run_dir)  # a cluster sweep's shared folder names its storage
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = Path(args.run_dir)
         url = _open_storage(run_dir, args.storage)
         names = [s.study_name for s in optuna.get_all_study_summaries(url)]
-        from evomerge.search.cluster.final import manifest_study
+        from evomerge.search.cluster.manifest import manifest_study
 
         name = args.study or manifest_study(run_dir) or (names[0] if len(names) == 1 else None)
         if name is None or name not in names:

@@ -24,8 +24,9 @@ from typing import Any
 
 from evomerge.errors import ConfigError
 from evomerge.search import driver
-from evomerge.search.cluster import final as final_claim
+from evomerge.search.cluster import export_claim
 from evomerge.search.cluster.budget import ClusterLoop, tally
+from evomerge.search.cluster.manifest import write_manifest
 from evomerge.search.backends import postgres_url
 from evomerge.search.cluster.storage import study_mutex
 from evomerge.search.fitness import TaskSpec
@@ -153,7 +154,7 @@ class ClusterSession(SearchSession):
         with mutex:  # one worker at a time checks the search space and enqueues the baselines
             study = self._open_study()
             self._enqueue_baselines(study)
-            final_claim.write_manifest(self.run_dir, name, storage_cfg(self.raw))
+            write_manifest(self.run_dir, name, storage_cfg(self.raw))
         n_trials = self.spec.n_trials
         start_tally = tally(study.get_trials(deepcopy=False))
         print(f"evomerge: worker {self.worker} joined study {name!r} in {storage_url(self.storage)}: "
@@ -181,17 +182,17 @@ class ClusterSession(SearchSession):
                   f"{t.finished} of {n_trials} trials finished. Start a worker again (same command) to rejoin.")
             return self._worker_record(record)
         watch = None if ran else float(storage_cfg(self.raw).get("grace_period") or 0) + 2 * self._interval()
-        won, claim = final_claim.claim(study, mutex, self.worker, self.run_dir, watch_s=watch,
+        won, claim = export_claim.claim(study, mutex, self.worker, self.run_dir, watch_s=watch,
                                        poll_s=min(1.0, self._interval()))
         record["final"] = claim
         if not won:
             print(f"evomerge: study {name!r}: {n_trials} of {n_trials} trials finished; worker {self.worker} ran "
-                  f"{len(ran)}. {final_claim.describe(claim)}.")
+                  f"{len(ran)}. {export_claim.describe(claim)}.")
             return self._worker_record(record)
         print(f"evomerge: study {name!r}: {n_trials} of {n_trials} trials finished; worker {self.worker} does the "
               f"held-out evaluation and export into {self.run_dir}.")
         start, prep = time.perf_counter(), self.timings.get("prepare_s", 0.0)
-        with final_claim.beating(study, claim, self._interval()):
+        with export_claim.beating(study, claim, self._interval()):
             final = self._rescore(study, get_engine)
             self.timings["final_s"] = round(time.perf_counter() - start - (self.timings.get("prepare_s", 0.0) - prep), 3)
             summary = self._outputs(study, final, False)

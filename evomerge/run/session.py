@@ -17,7 +17,7 @@ import optuna
 from evomerge.errors import ConfigError
 from evomerge.export.run import STUDY_ATTR, export_trial, trial_counts, write_json, write_trials_csv
 from evomerge.search import driver
-from evomerge.search.final import FinalResult, rescore
+from evomerge.search.winner import FinalResult, rescore
 from evomerge.search.fitness import Scorer, TaskSpec, objective_names
 from evomerge.search.dataflow import DataflowGenome, is_dataflow, parse_dataflow
 from evomerge.search.genome import Genome, layout_of

@@ -119,7 +119,7 @@ def _load_study(source: str, study_name: str | None) -> optuna.Study:
 
 
 def _from_study(cfg: dict[str, Any], genome: Any) -> list[WarmPoint]:
-    from evomerge.search.final import fitness_of
+    from evomerge.search.winner import fitness_of
 
     study = _load_study(cfg["study"], cfg.get("study_name"))
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
