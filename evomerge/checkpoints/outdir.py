@@ -44,7 +44,15 @@ _STAGING = ".evomerge-tmp"
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process's umask, read without setting it: ``os.umask`` can only be read by changing it, which
+    would race with other threads creating files (Linux reports it in /proc/self/status since 4.7)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc (macOS): the only portable way
     os.umask(mask)
     return mask
 
