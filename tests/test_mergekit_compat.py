@@ -353,8 +353,6 @@ def test_searched_recipes_replay_in_mergekit_to_the_scored_weights(edge_trained,
 
 @pytest.mark.parametrize("extra,needle", [
     ({"modules": {"text_decoder": {"models": [{"model": "@B"}]}}}, "'modules:' (a multi-module recipe: text_decoder)"),
-    ({"chat_template": "chatml"}, "'chat_template' is not supported"),
-    ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": "@B"}}}}, "tokenizer.tokens"),
     ({"tokenizer": {"source": "base"}, "tokenizer_source": "base"}, "not both"),
     ({"evomerge": {"compute_dtyp": "float32"}}, "'evomerge' must be a mapping of seed, random_mode and compute_dtype"),
     ({"dtype": "float8"}, "unknown dtype 'float8'"),

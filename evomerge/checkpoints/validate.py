@@ -22,21 +22,28 @@ def _fix_hint() -> str:
     return "merge only fine-tunes of one base model (same architecture and tokenizer)"
 
 
-def check_compatible(reference: Checkpoint, others: Sequence[Checkpoint], *, same_depth: bool = True) -> None:
-    """Architecture, special-token ids and vocabulary of every model equal the reference's."""
+def check_compatible(reference: Checkpoint, others: Sequence[Checkpoint], *, same_depth: bool = True,
+                     same_vocab: bool = True) -> None:
+    """Architecture, special-token ids and vocabulary of every model equal the reference's.
+
+    ``same_vocab=False`` (a recipe that builds an output vocabulary) leaves the vocabulary, its size and
+    the special-token ids free: the tokenizer merge re-lays each model's rows on the output's."""
     ref_cfg = reference.config
     for other in others:
         if other is reference:
             continue
         cfg = other.config
         keys = _ARCH_KEYS + (("num_hidden_layers",) if same_depth else ())
-        for key in keys + _TOKEN_KEYS:
+        if not same_vocab:
+            keys = tuple(k for k in keys if k != "vocab_size")
+        for key in keys + (_TOKEN_KEYS if same_vocab else ()):
             if key in ref_cfg and key in cfg and ref_cfg[key] != cfg[key]:
                 raise CheckpointError(
                     f"{other.path / 'config.json'} has {key}={cfg[key]!r} but {reference.path / 'config.json'} has "
                     f"{key}={ref_cfg[key]!r}; these models cannot be merged tensor by tensor: {_fix_hint()}."
                 )
-        _check_vocab(reference, other)
+        if same_vocab:
+            _check_vocab(reference, other)
 
 
 def _vocab(ckpt: Checkpoint) -> tuple[Path, dict[str, Any]] | None:
@@ -62,24 +69,27 @@ def _check_vocab(reference: Checkpoint, other: Checkpoint) -> None:
         if vb.get(token) != idx:
             raise CheckpointError(
                 f"vocabularies differ: token {token!r} has id {idx} in {file_a} but "
-                f"{vb.get(token)!r} in {file_b}; {_fix_hint()}, or re-map the embeddings first (evomerge does not "
-                f"build mergekit's tokenizer_source: union vocabularies)."
+                f"{vb.get(token)!r} in {file_b}; {_fix_hint()}, or give the recipe a tokenizer source "
+                f"(tokenizer_source: union builds the merged vocabulary as mergekit does; evomerge-merge only)."
             )
     extra = next(iter(set(vb) - set(va)))
     raise CheckpointError(
-        f"vocabularies differ: token {extra!r} is in {file_b} but not in {file_a}; {_fix_hint()}."
+        f"vocabularies differ: token {extra!r} is in {file_b} but not in {file_a}; {_fix_hint()}, or give the "
+        f"recipe a tokenizer source (tokenizer_source: union; evomerge-merge only)."
     )
 
 
-def check_tensor(name: str, ref: Checkpoint, ref_name: str, other: Checkpoint, other_name: str) -> None:
-    """The tensor exists in ``other`` with the reference's shape."""
+def check_tensor(name: str, ref: Checkpoint, ref_name: str, other: Checkpoint, other_name: str, *,
+                 rows_free: bool = False) -> None:
+    """The tensor exists in ``other`` with the reference's shape (but for its rows, with ``rows_free``:
+    a vocabulary tensor the tokenizer merge re-lays)."""
     if not other.has(other_name):
         raise CheckpointError(
             f"tensor {other_name!r} is missing from {other.path} (it is in {ref.path}); "
             f"{_fix_hint()}, or restrict the merge with slices."
         )
     a, b = ref.shape(ref_name), other.shape(other_name)
-    if a != b:
+    if (tuple(a)[1:] != tuple(b)[1:]) if rows_free else a != b:
         raise CheckpointError(
             f"tensor {other_name!r} has shape {list(b)} in {other.file_of(other_name)} but {list(a)} in "
             f"{ref.file_of(ref_name)} (output tensor {name!r}); {_fix_hint()}."

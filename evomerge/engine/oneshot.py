@@ -6,6 +6,7 @@ tensor from each model plus one output shard, whatever the model size.
 from __future__ import annotations
 
 import itertools
+import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +21,7 @@ from evomerge.engine.jobs import as_inputs, choose_fused, input_bytes, random_au
 from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
 from evomerge.engine.card import model_card
+from evomerge.engine.tokenizer_out import load_tokenizer, save_output_tokenizer
 
 
 def output_dtype(plan: MergePlan, override: str | None) -> torch.dtype:
@@ -45,6 +47,7 @@ def merged_tensors(plan: MergePlan, device: torch.device, dtype: torch.dtype, pr
     def merge(job: TensorJob) -> torch.Tensor:
         refs = ([job.base] if job.base else []) + list(job.models)
         tensors, cdt = as_inputs([plan.checkpoints[r].get(n) for r, n in refs], recipe, plan, device)
+        tensors = plan.relaid(job, tensors, cdt)  # on the output vocabulary (mergekit)
         base, models = (tensors[0], tensors[1:]) if job.base else (None, tensors)
         aux = random_aux(plan, job, recipe.seed, models[0].shape, device)
         out = torch.empty(models[0].shape, dtype=dtype, device=device) if fused else None
@@ -106,20 +109,37 @@ def merge_to_dir(
     config = dict(plan.out_config)
     config["dtype"] = dtype_name(dtype)
     config.pop("torch_dtype", None)
-    tok_ref = recipe.tokenizer_source if recipe.tokenizer_source not in (None, "base", "union") else None
-    tok_ckpt = plan.checkpoints.get(tok_ref) if tok_ref else plan.reference
-    tok_dir = tok_ckpt.tokenizer_dir if tok_ckpt is not None else Path(tok_ref)  # type: ignore[arg-type]
-    side_files(tok_dir, TOKENIZER_FILES)  # a symlink out of the folder is refused before the merge
-    return write_model_dir(
-        out_dir,
-        merged_tensors(plan, dev, dtype, progress, use_fused),
-        config=config,
-        tokenizer_source=tok_dir,
-        recipe_yaml=recipe.to_yaml(),
-        model_card=card if card is not None else model_card(recipe),
-        max_shard_bytes=parse_size(shard_size),
-        force=force,
-    )
+    with tempfile.TemporaryDirectory(prefix="evomerge-tokenizer-") as rebuilt:
+        tok_dir = _tokenizer_files(plan, Path(rebuilt), trust_remote_code)
+        side_files(tok_dir, TOKENIZER_FILES)  # a symlink out of the folder is refused before the merge
+        return write_model_dir(
+            out_dir,
+            merged_tensors(plan, dev, dtype, progress, use_fused),
+            config=config,
+            tokenizer_source=tok_dir,
+            recipe_yaml=recipe.to_yaml(),
+            model_card=card if card is not None else model_card(recipe),
+            max_shard_bytes=parse_size(shard_size),
+            force=force,
+        )
+
+
+def _tokenizer_files(plan: MergePlan, scratch: Path, trust_remote_code: bool) -> Path:
+    """The folder whose tokenizer files the output gets, as mergekit 0.1.5 chooses them: the built output
+    tokenizer where the recipe has a tokenizer source, the donor's (base, else first model) tokenizer
+    re-saved with the chat template where it has only ``chat_template``, else the donor's files."""
+    recipe = plan.recipe
+    if plan.tokenizer is None and recipe.chat_template is None:
+        return plan.reference.tokenizer_dir
+    donor = plan.checkpoints[recipe.base_model or recipe.all_model_refs()[0]]
+    tokenizer = (plan.tokenizer.tokenizer if plan.tokenizer is not None
+                 else load_tokenizer(donor.tokenizer_dir, trust_remote_code))
+    templates = []
+    if recipe.chat_template == "auto":
+        templates = [load_tokenizer(plan.checkpoints[r].tokenizer_dir, trust_remote_code).chat_template
+                     for r in recipe.all_model_refs()]
+    save_output_tokenizer(tokenizer, scratch, recipe.chat_template, templates)
+    return scratch
 
 
 def _inputs(plan: MergePlan) -> list[Path]:

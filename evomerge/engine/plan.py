@@ -13,15 +13,19 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from evomerge.checkpoints import Checkpoint, open_checkpoint
 from evomerge.checkpoints.validate import check_compatible, check_tensor
 from evomerge.engine.recipe import Recipe, Slice, Source, evaluate_setting
+from evomerge.engine.tokenizer_out import TokenizerMerge, build_tokenizer_merge, vocab_rows
 from evomerge.errors import CheckpointError, MergeError, RecipeError
 from evomerge.methods import MergeMethod, ParamDef, get_method
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<suffix>.+)$")
 _PRE_MARKERS = ("embed", "wte", "wpe")
 _POST_MARKERS = ("lm_head", "embed_out")  # output heads (GPT-NeoX's is named embed_out)
+_VOCAB_MARKERS = ("embed_tokens", "wte", "embed_in", "word_embeddings", "lm_head", "embed_out")  # one row per token
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,11 @@ class TensorJob:
     slice_index: int
     base: tuple[str, str] | None  # (model ref, source tensor name)
     models: tuple[tuple[str, str], ...]  # the merged (non-base) inputs, recipe order
+
+
+def job_inputs(job: TensorJob) -> list[str]:
+    """The models feeding a job, in the order its tensors are read: base first."""
+    return ([job.base[0]] if job.base else []) + [r for r, _ in job.models]
 
 
 def layer_index(name: str) -> int | None:
@@ -74,8 +83,17 @@ class MergePlan:
             )
         self.checkpoints = self._open(recipe)
         self.slices = self._normalized_slices(recipe)
+        self.vocab_tensors = self._vocab_tensors()
         self.jobs = self._jobs()
         self.reference = self.checkpoints[self._reference_ref()]
+        self.tokenizer: TokenizerMerge | None = None
+        if recipe.tokenizer_source is not None:
+            self.tokenizer = build_tokenizer_merge(
+                recipe.tokenizer_source, recipe.all_model_refs(), self.checkpoints, recipe.base_model,
+                recipe.token_sources(), recipe.pad_to_multiple_of, where, trust_remote_code)
+            for job in self.jobs:
+                if job.out_name in self.vocab_tensors:
+                    self.tokenizer.plan_for(job_inputs(job))  # a bad tokens: entry fails before any work
         self.out_config = self._out_config()
 
     # ---- opening and validation -------------------------------------------------
@@ -88,8 +106,19 @@ class MergePlan:
             if ref not in ckpts:
                 ckpts[ref] = open_checkpoint(ref, base=base)
         reference = ckpts[recipe.all_model_refs()[0]]
-        check_compatible(reference, list(ckpts.values()), same_depth=recipe.slices is None)
+        check_compatible(reference, list(ckpts.values()), same_depth=recipe.slices is None,
+                         same_vocab=recipe.tokenizer_source is None)
         return ckpts
+
+    def _vocab_tensors(self) -> frozenset[str]:
+        """The embedding and head tensors (one row per token) a tokenizer merge re-lays."""
+        if self.recipe.tokenizer_source is None:
+            return frozenset()
+        ckpt = self.checkpoints[self.slices[0].sources[0].model]
+        rows = vocab_rows(ckpt.config)
+        pre, post = edge_tensors(ckpt.tensor_names())
+        return frozenset(n for n in pre + post if any(k in n for k in _VOCAB_MARKERS)
+                         and (rows is None or tuple(ckpt.shape(n))[:1] == (rows,)))
 
     def _reference_ref(self) -> str:
         return self.recipe.base_model or self.slices[0].sources[0].model
@@ -174,7 +203,8 @@ class MergePlan:
         ref_src = base or others[0]
         ref_ckpt, ref_name = self.checkpoints[ref_src.model], src_name(ref_src)
         for s in ([base] if base else []) + others:
-            check_tensor(out_name, ref_ckpt, ref_name, self.checkpoints[s.model], src_name(s))
+            check_tensor(out_name, ref_ckpt, ref_name, self.checkpoints[s.model], src_name(s),
+                         rows_free=out_name in self.vocab_tensors)
         return TensorJob(
             out_name=out_name,
             t=t,
@@ -185,6 +215,8 @@ class MergePlan:
 
     def _out_config(self) -> dict[str, Any]:
         cfg = copy.deepcopy(self.reference.config)
+        if self.tokenizer is not None:  # mergekit writes the output vocabulary's size (padded)
+            cfg["vocab_size"] = self.tokenizer.size
         for key in ("num_hidden_layers", "n_layer", "num_layers"):  # GPT-2 names its depth n_layer
             if key in cfg:
                 cfg[key] = self.n_out_layers
@@ -204,6 +236,31 @@ class MergePlan:
                 f"evomerge trust_remote_code=true). Read that code first."
             )
         return cfg
+
+    def relaid(self, job: TensorJob, tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+        """A job's input tensors (base first), re-laid on the output vocabulary where the recipe builds one.
+
+        The new rows (means) are computed in ``dtype``, the compute dtype, as mergekit computes them on the
+        rounded inputs, even where the method then runs in float32; the tensors keep their own dtype."""
+        if self.tokenizer is None or job.out_name not in self.vocab_tensors:
+            return tensors
+        relaid = self.tokenizer.relay(job_inputs(job), [t.to(dtype) for t in tensors])
+        return [r.to(t.dtype) for r, t in zip(relaid, tensors)]
+
+    def refuse_vocab_remap(self, engine: str) -> None:
+        """For an engine that does not re-lay vocabularies: stop, before any work, on a recipe that needs it."""
+        tm = self.tokenizer
+        if tm is None:
+            return
+        changed = [j.out_name for j in self.jobs
+                   if j.out_name in self.vocab_tensors and not tm.plan_for(job_inputs(j)).identity]
+        if changed:
+            r = self.recipe
+            key = "the tokenizer: block" if r.tokenizer is not None else f"tokenizer_source: {r.tokenizer_source}"
+            raise RecipeError(
+                f"{r.source_file}: {key} gives the merged model another vocabulary than its inputs have ({changed[0]} "
+                f"is re-laid on {tm.size} rows); {engine} does not re-lay embeddings. Merge this recipe with "
+                f"evomerge-merge, or search over models that share one vocabulary (and drop the key).")
 
     # ---- parameters ----------------------------------------------------------------
     def _lookup(self, p: ParamDef, job: TensorJob, model_ref: str | None, recipe: Recipe,

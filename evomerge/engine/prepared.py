@@ -104,6 +104,7 @@ class PreparedMerge:
         if memory not in MEMORY_MODES:
             raise MergeError(f"memory mode {memory!r} is unknown; use one of {', '.join(MEMORY_MODES)}.")
         self.plan = MergePlan(recipe, trust_remote_code=trust_remote_code)
+        self.plan.refuse_vocab_remap("the search's prepared engine")
         self.recipe = recipe
         self.device = resolve_device(device)
         self.model_dtype = model_dtype

@@ -18,6 +18,11 @@ it and the method computes in it (methods that mergekit 0.1.5 computes in float3
 whatever the inputs, linear and SLERP, do so here too); without it, the inputs'
 stored dtype. ``out_dtype`` is the storage dtype (default: the compute dtype).
 
+``tokenizer_source`` (or a ``tokenizer:`` block: ``source``, default ``union``; ``tokens``;
+``pad_to_multiple_of``) gives the output its vocabulary and re-lays the embedding and head rows on it
+(:mod:`evomerge.engine.vocab`); ``chat_template`` sets the output tokenizer's template
+(:mod:`evomerge.engine.chat_templates`).
+
 evomerge-only settings live under a top-level ``evomerge:`` key that
 :meth:`Recipe.to_mergekit` leaves out: the random seed of DARE/DELLA masks and how
 they are drawn (``seed``, ``random_mode``), and ``compute_dtype: float32``, which
@@ -34,6 +39,8 @@ from typing import Any, Callable
 import yaml
 
 from evomerge.checkpoints.writer import parse_dtype
+from evomerge.engine.chat_templates import check_chat_template
+from evomerge.engine.vocab import TokenSource, parse_tokens
 from evomerge.errors import CheckpointError, RecipeError
 
 Setting = Any  # float | bool | str | list[float] | list[dict]
@@ -63,7 +70,9 @@ class Recipe:
     parameters: dict[str, Setting] = field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # the effective source: tokenizer_source, or the tokenizer: block's
+    tokenizer: dict[str, Any] | None = None  # the tokenizer: block as written (source, tokens, pad_to_multiple_of)
+    chat_template: str | None = None
     seed: int = 0
     random_mode: str = "common"  # "common" random numbers, or "fresh" draws per merge
     compute_dtype: str | None = None  # evomerge.compute_dtype: overrides dtype as the compute dtype
@@ -118,8 +127,9 @@ class Recipe:
         compute = extra.get("compute_dtype")
         _check_dtype(compute, f"{where}: evomerge.compute_dtype")
         tok = data.get("tokenizer_source")
-        if isinstance(data.get("tokenizer"), dict):
-            tok = data["tokenizer"].get("source")
+        block = data.get("tokenizer")
+        if block is not None:
+            tok = block.get("source", "union")  # mergekit's TokenizerConfig default
         return cls(
             merge_method=str(data["merge_method"]),
             models=models,
@@ -129,6 +139,8 @@ class Recipe:
             dtype=data.get("dtype"),
             out_dtype=data.get("out_dtype"),
             tokenizer_source=None if tok is None else str(tok),
+            tokenizer=None if block is None else copy.deepcopy(dict(block)),
+            chat_template=check_chat_template(data.get("chat_template"), f"{where}: chat_template"),
             seed=int(extra.get("seed", 0)),
             random_mode=mode,
             compute_dtype=None if compute is None else str(compute),
@@ -150,9 +162,15 @@ class Recipe:
             out["models"] = [_source_dict(s) for s in self.models]
         if self.parameters:
             out["parameters"] = self.parameters
-        for key in ("dtype", "out_dtype", "tokenizer_source"):
+        for key in ("dtype", "out_dtype"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer
+        elif self.tokenizer_source is not None:
+            out["tokenizer_source"] = self.tokenizer_source
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
         return copy.deepcopy(out)
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,6 +200,14 @@ class Recipe:
                 refs.append(s.model)
         return refs
 
+    def token_sources(self) -> dict[str, TokenSource]:
+        """The tokenizer: block's ``tokens`` entries (empty without one)."""
+        return parse_tokens((self.tokenizer or {}).get("tokens"), self.source_file)
+
+    @property
+    def pad_to_multiple_of(self) -> int | None:
+        return (self.tokenizer or {}).get("pad_to_multiple_of")
+
     def structure_key(self) -> tuple:
         """What must be equal for two recipes to share one prepared engine."""
         if self.slices:
@@ -205,21 +231,19 @@ def _check_unsupported(data: dict[str, Any], where: str) -> None:
             f"{where}: 'modules:' (a multi-module recipe: {', '.join(map(str, data['modules']))}) is not supported by "
             f"evomerge, which merges single-module causal language models; write that module's models: or slices: "
             f"at the top level of the recipe.")
-    if data.get("chat_template") is not None:
-        raise RecipeError(
-            f"{where}: 'chat_template' is not supported by evomerge-merge; remove it and set the template on the "
-            f"merged model's tokenizer (tokenizer.chat_template = ...; tokenizer.save_pretrained(OUT)).")
     tok = data.get("tokenizer")
     if tok is not None:
         if data.get("tokenizer_source") is not None:
             raise RecipeError(f"{where}: give tokenizer_source or a tokenizer: block, not both (as in mergekit).")
         if not isinstance(tok, dict) or set(tok) - {"source", "tokens", "pad_to_multiple_of"}:
             raise RecipeError(f"{where}: tokenizer: must be a mapping of source, tokens and pad_to_multiple_of, got {tok!r}.")
-        for key in ("tokens", "pad_to_multiple_of"):
-            if tok.get(key):
-                raise RecipeError(
-                    f"{where}: tokenizer.{key} (embeddings built for added tokens or a padded vocabulary) is not "
-                    f"supported by evomerge; merge models that share one vocabulary and keep tokenizer.source only.")
+        parse_tokens(tok.get("tokens"), where)
+        pad = tok.get("pad_to_multiple_of")
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+            raise RecipeError(f"{where}: tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}.")
+    source = tok.get("source", "union") if isinstance(tok, dict) else data.get("tokenizer_source")
+    if source is not None and not isinstance(source, str):
+        raise RecipeError(f"{where}: the tokenizer source must be union, base or a model path, got {source!r}.")
 
 
 def load_recipe(path: str | Path) -> Recipe:
