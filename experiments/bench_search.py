@@ -49,8 +49,8 @@ def main() -> None:
     import optuna
 
     from evomerge.run.app import _conf_dir, _quiet
-    from evomerge.search.fitness import parse_tasks
     from evomerge.run.session import SearchSession
+    from evomerge.search.config import parse_config
 
     _quiet()
     overrides = [f"+search={args.search}", f"models={args.models}", f"tasks={args.tasks}", f"eval_dtype={args.eval_dtype}",
@@ -62,7 +62,8 @@ def main() -> None:
         cfg = compose("config", overrides=overrides)
     raw = OmegaConf.to_container(cfg, resolve=True)
     run_dir = Path(tempfile.mkdtemp(prefix="bench_search_"))
-    s = SearchSession(raw, run_dir, parse_tasks(raw["tasks"]), multi_objective=False, t0=time.perf_counter())
+    s = SearchSession(parse_config(raw), run_dir, t0=time.perf_counter())  # type: ignore[arg-type]
+    s.multi_objective = False
     t = time.perf_counter()
     s._setup()
     setup_s = time.perf_counter() - t

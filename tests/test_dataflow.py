@@ -262,11 +262,11 @@ def test_parameter_space_search_must_be_a_parameter_space_config(tmp_path):
     from evomerge.run.session import run_parameter_space
 
     with pytest.raises(ConfigError, match="no search config"):
-        run_parameter_space({"study_name": "x"}, tmp_path, None, {"search": "no_such_search"})
+        run_parameter_space({"study_name": "x"}, tmp_path, {"search": "no_such_search"})
     with pytest.raises(ConfigError, match="itself a data-flow search"):
-        run_parameter_space({"study_name": "x"}, tmp_path, None, {"search": "dataflow_math"})
+        run_parameter_space({"study_name": "x"}, tmp_path, {"search": "dataflow_math"})
     with pytest.raises(ConfigError, match="not as cluster workers"):
-        run_parameter_space({"study_name": "x", "worker": 0}, tmp_path, None, {"search": "ties_math"})
+        run_parameter_space({"study_name": "x", "worker": 0}, tmp_path, {"search": "ties_math"})
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import pytest
 
 from evomerge.evaluation.splits import SplitPlan, TaskSplits
 from evomerge.search import preflight
+from evomerge.search.config import parse_sampler
 from evomerge.search.fitness import parse_tasks
 from evomerge.search.genome import Genome, layout_of
 from evomerge.search.score_cache import ScoreCache
@@ -87,10 +88,10 @@ def test_a_tokenizer_that_encodes_otherwise_is_named_with_the_fix(tiny_zoo, tmp_
 
 # ---- sampler, budget, models, chat template, metrics --------------------------------------------------
 def test_sampler_options_are_tried_before_the_study():
-    assert preflight.check_sampler_options({"name": "tpe", "options": {"n_startup_trials": 3}}, 0) == []
-    (unknown,) = preflight.check_sampler_options({"name": "cmaes", "options": {"popsize_typo": 4}}, 0)
+    assert preflight.check_sampler_options(parse_sampler({"name": "tpe", "options": {"n_startup_trials": 3}}), 0) == []
+    (unknown,) = preflight.check_sampler_options(parse_sampler({"name": "cmaes", "options": {"popsize_typo": 4}}), 0)
     assert "sampler.options for 'cmaes'" in unknown and "popsize_typo" in unknown
-    (value,) = preflight.check_sampler_options({"name": "nsga2", "options": {"population_size": 1}}, 0)
+    (value,) = preflight.check_sampler_options(parse_sampler({"name": "nsga2", "options": {"population_size": 1}}), 0)
     assert "population_size" in value and "sampler.options.KEY" in value
 
 
@@ -150,8 +151,8 @@ def _session_cache(family, root: Path, tokenizer_dir: str, items: str, task_dirs
     from evomerge.run.session import SearchSession
 
     fake = SimpleNamespace(
-        raw={"final": {"score_cache": str(root)}, "eval_dtype": "float32", "batch_size": 32, "max_gen_toks": None,
-             **raw},
+        config=SimpleNamespace(**{"final": SimpleNamespace(score_cache=str(root)), "eval_dtype": "float32",
+                                  "batch_size": 32, "max_gen_toks": None, "evaluator": "fast", **raw}),
         tasks=parse_tasks({"tasks": {"t": {"acc": 1.0}}}), objectives=["fitness"], device="cpu",
         scorer=SimpleNamespace(evaluator=SimpleNamespace(splits=SimpleNamespace(digest=lambda: items))),
         models=SimpleNamespace(task_dirs=task_dirs), tokenizer_dir=tokenizer_dir)

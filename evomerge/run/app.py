@@ -1,6 +1,7 @@
 """``evomerge``: the Hydra app that runs a merge search end to end.
 
-Order matters and is deliberate: every check that needs no model (the search
+Order matters and is deliberate: every check that needs no model (each config
+group, read once into typed values by evomerge/search/config.py: the search
 genome, task weights, sampler, storage, model paths) runs first, so a bad
 config fails in a second; then the zoo is built (first use only), the
 evaluator is built (an unknown task fails here, before any model is loaded);
@@ -20,13 +21,15 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from evomerge.errors import ConfigError, EvomergeError, user_errors
+from evomerge.errors import EvomergeError, user_errors
 from evomerge.run.secrets import mask, mask_log_records, scrub_hydra_files, url_secrets
 
 
 def _conf_dir() -> str:
     """The configs live in the package (so wheels carry them); the repository's conf/ links there."""
-    return str(Path(__file__).resolve().parents[1] / "conf")
+    from evomerge.search.config import CONF_DIR
+
+    return str(CONF_DIR)
 
 
 def _sigterm_as_interrupt() -> None:
@@ -58,50 +61,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run (or resume) the search ``cfg`` describes; return the summary written to summary.json."""
     from hydra.core.hydra_config import HydraConfig
 
-    from evomerge.search.fitness import parse_tasks
-    from evomerge.search.models import check_models
-    from evomerge.search.samplers import check_sampler
-    from evomerge.search.spec import parse_search
+    from evomerge.run.cluster import ClusterSession, is_cluster
     from evomerge.run.session import SearchSession
+    from evomerge.search.config import parse_config
 
     t0 = time.perf_counter()
     raw = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(raw, dict)
-    if not raw.get("search"):
-        parse_search(None)  # raises the "no search selected" error
-    from evomerge.search.dataflow import is_dataflow, parse_dataflow  # layer stacking: its own search keys
-
-    spec = parse_dataflow(raw["search"]) if is_dataflow(raw["search"]) else parse_search(raw["search"])
-    tasks = parse_tasks(raw.get("tasks"))
-    sampler = check_sampler(raw.get("sampler") or {})
-    models = raw.get("models") or {}
-    check_models(models)
-    from evomerge.methods import get_method
-
-    if get_method(spec.method).needs_base and spec.base_model is None and not models.get("base") and not models.get("zoo"):
-        raise ConfigError(
-            f"search.method {spec.method!r} needs a base model (the model the specialists were fine-tuned from), and "
-            f"models group {models.get('name')!r} names none: set models.base=/path/to/base, or pick a method "
-            f"without a base (e.g. +search=slerp_pair)."
-        )
-    _check_globals(raw)
+    config = parse_config(raw)  # every group checked once, typed; nothing loaded yet
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    from evomerge.run.cluster import ClusterSession, is_cluster
-
     session_cls = ClusterSession if is_cluster(raw) else SearchSession  # a worker of a shared study (docs/cluster.md)
-    session = session_cls(raw, run_dir, tasks, multi_objective=sampler == "nsga2", t0=t0)
-    return session.run()
-
-
-def _check_globals(raw: dict[str, Any]) -> None:
-    if raw.get("eval_dtype") not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"eval_dtype = {raw.get('eval_dtype')!r}: use float32, bfloat16 or float16.")
-    bs = raw.get("batch_size")
-    if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
-        raise ConfigError(f"batch_size = {bs!r}: a whole number >= 1 (a fixed size; 'auto' costs minutes per model on CPU).")
-    final = raw.get("final") or {}
-    if not isinstance(final.get("top_k", 3), int) or final.get("top_k", 3) < 1:
-        raise ConfigError(f"final.top_k = {final.get('top_k')!r}: how many best candidates to re-score, >= 1.")
+    return session_cls(config, run_dir, t0=t0).run()
 
 
 @hydra.main(version_base="1.3", config_path=_conf_dir(), config_name="config")

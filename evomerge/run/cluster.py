@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from evomerge.search.cluster.budget import ClusterLoop, tally
 from evomerge.search.cluster.manifest import write_manifest
 from evomerge.search.backends import postgres_url
 from evomerge.search.cluster.storage import study_mutex
-from evomerge.search.fitness import TaskSpec
+from evomerge.search.config import RunConfig
 from evomerge.search.storage import heartbeat_enabled, make_storage, session_lock, storage_url
 from evomerge.run.session import SearchSession, _print_summary, is_cluster  # noqa: F401  (is_cluster: the app asks here)
 
@@ -101,18 +102,15 @@ def check_cluster(raw: dict[str, Any]) -> None:
                           "(seconds) or cluster.heartbeat_interval.")
     if kind == "postgres":
         postgres_url(cfg)
-    poll = (raw.get("cluster") or {}).get("poll_s", 5)
-    if not isinstance(poll, (int, float)) or poll <= 0:
-        raise ConfigError(f"cluster.poll_s = {poll!r}: seconds between looks for work, > 0.")
 
 
 class ClusterSession(SearchSession):
-    def __init__(self, raw: dict[str, Any], run_dir: Path, tasks: TaskSpec, *, multi_objective: bool, t0: float) -> None:
+    def __init__(self, config: RunConfig, run_dir: Path, *, t0: float) -> None:
+        raw = config.raw
         check_cluster(raw)
         self.job_dir = run_dir
-        super().__init__(raw, shared_dir(raw, run_dir), tasks, multi_objective=multi_objective, t0=t0)
+        super().__init__(config, shared_dir(raw, run_dir), t0=t0)
         self.worker = worker_label(raw)
-        self.cluster = dict(raw.get("cluster") or {})
         self._shared: Any = None
 
     def _make_storage(self) -> Any:
@@ -125,7 +123,7 @@ class ClusterSession(SearchSession):
 
     def _pick_device(self) -> None:
         """``device=auto`` with several visible GPUs: worker N takes GPU N mod count (submitit_local shows all)."""
-        if self.raw.get("device", "auto") != "auto":
+        if self.config.device != "auto":
             return
         import torch
 
@@ -135,7 +133,7 @@ class ClusterSession(SearchSession):
                 index = int(self.raw.get("worker") or 0)
             except ValueError:
                 index = 0
-            self.raw["device"] = f"cuda:{index % n}"
+            self.config = replace(self.config, device=f"cuda:{index % n}")
 
     def run(self) -> dict[str, Any]:
         """The worker's share of the search, holding the study's session lock shared (with the other workers;
@@ -148,7 +146,7 @@ class ClusterSession(SearchSession):
         self._setup()
         # each worker's sampler gets a seed of its own, or every worker would propose the same candidates;
         # the genome (DARE/DELLA masks) was built above with the study's seed and keeps it
-        self.raw = {**self.raw, "seed": sampler_seed(self.raw, self.worker)}
+        self.config = replace(self.config, seed=sampler_seed(self.raw, self.worker))
         name = str(self.raw["study_name"])
         mutex = study_mutex(self._make_storage(), name)
         with mutex:  # one worker at a time checks the search space and enqueues the baselines
@@ -168,7 +166,7 @@ class ClusterSession(SearchSession):
                                n_trials=n_trials, limit=self.spec.limit, first_limit=self.first, prune=self.prune,
                                seed=self.genome.seed, fresh_seeds=self.spec.random_mode == "fresh",
                                progress=self.progress, mutex=mutex, worker=self.worker,
-                               poll_s=float(self.cluster.get("poll_s", 5)))
+                               poll_s=self.config.cluster.poll_s)
             stats = loop.run()
             ran, taken_over = loop.gate.ran, loop.taken_over
         self.timings["search_s"] = round(time.perf_counter() - start - self.timings.get("prepare_s", 0.0), 3)

@@ -19,24 +19,25 @@ from evomerge.export.run import STUDY_ATTR, export_trial, trial_counts, write_js
 from evomerge.search import driver
 from evomerge.search.winner import FinalResult, rescore
 from evomerge.search.fitness import Scorer, TaskSpec, objective_names
-from evomerge.search.dataflow import DataflowGenome, is_dataflow, parse_dataflow
+from evomerge.search.config import RunConfig, parse_config
+from evomerge.search.dataflow import DataflowGenome, DataflowSpec, is_dataflow
 from evomerge.search.genome import Genome, layout_of
 from evomerge.search.models import pick_sources, resolve_models
 from evomerge.search.preflight import check_before_study
 from evomerge.search.samplers import make_pruner, make_sampler
 from evomerge.search.score_cache import ScoreCache
-from evomerge.search.spec import parse_search
-from evomerge.search.warm import parse_warm, warm_points
+from evomerge.search.warm import warm_points
 from evomerge.search.storage import expect_study, make_storage, session_lock, storage_url
 
 
 class SearchSession:
-    def __init__(self, raw: dict[str, Any], run_dir: Path, tasks: TaskSpec, *, multi_objective: bool, t0: float) -> None:
-        self.raw, self.run_dir, self.tasks, self.t0 = raw, run_dir, tasks, t0
-        self.multi_objective = multi_objective
-        self.progress = bool(raw.get("progress", True))
+    def __init__(self, config: RunConfig, run_dir: Path, *, t0: float) -> None:
+        self.config, self.run_dir, self.tasks, self.t0 = config, run_dir, config.tasks, t0  # checked once (search/config.py)
+        self.raw = config.raw
+        self.multi_objective = config.multi_objective
+        self.progress = config.progress
         self.timings: dict[str, Any] = {}
-        self.trust_remote_code = bool(raw.get("trust_remote_code", False))  # model-directory code runs only if set
+        self.trust_remote_code = config.trust_remote_code  # model-directory code runs only if set
         self.engine: Any = None  # the prepared merge, once a candidate needed it (its kernel choice is the export's)
 
     def _timed(self, key: str, start: float) -> None:
@@ -45,36 +46,34 @@ class SearchSession:
     # ---- set-up ----------------------------------------------------------------------
     def _setup(self) -> None:
         raw = self.raw
-        models = resolve_models(raw["models"], progress=self.progress)
+        models = resolve_models(self.config.models, progress=self.progress)
         self.timings["zoo_s"] = round(models.build_seconds, 3)
         self.tasks = self.tasks.expand(models.zoo_tasks)
         self.objectives = objective_names(self.tasks, self.multi_objective)
-        search = dict(raw["search"])
-        if search.get("sources") is None:
-            search["sources"] = list(models.specialists)
-        self.search_cfg = search
-        dataflow = is_dataflow(search)  # layer stacking (search/dataflow.py): its own spec, genome and engine
-        self.spec = spec = parse_dataflow(search) if dataflow else parse_search(search)  # type: ignore[assignment]
+        self.spec = spec = _with_sources(self.config.search, list(models.specialists))
+        self.search_cfg = {**raw["search"], "sources": spec.sources}  # what the study records of its search
+        dataflow = isinstance(spec, DataflowSpec)  # layer stacking (search/dataflow.py): its own spec, genome and engine
         if dataflow and spec.parameter_space:  # PS-then-DFS: the parameter-space winner joins the sources
             from evomerge.search.dataflow import PS_SOURCE
 
             models.specialists = {**models.specialists,
-                                  PS_SOURCE: run_parameter_space(raw, self.run_dir, self.tasks, spec.parameter_space)}
-            spec.common.sources = [*spec.sources, PS_SOURCE]
+                                  PS_SOURCE: run_parameter_space(raw, self.run_dir, spec.parameter_space)}
+            self.spec = spec = _with_sources(spec, [*spec.sources, PS_SOURCE], replace=True)
         self.sources = pick_sources(models, spec.sources)
         self.models = models
         start = time.perf_counter()
-        self.device = _device(raw.get("device", "auto"))
+        self.device = _device(self.config.device)
         self.scorer = Scorer(self._evaluator(), self.tasks, self.objectives)
         self._timed("evaluator_s", start)
         layout = layout_of(models.base or next(iter(self.sources.values())))
-        self.genome = (DataflowGenome(spec, self.sources, layout, seed=int(raw.get("seed", 0))) if dataflow  # type: ignore[arg-type]
-                       else Genome(spec, self.sources, models.base, layout, seed=int(raw.get("seed", 0))))
+        seed = self.config.seed
+        self.genome = (DataflowGenome(spec, self.sources, layout, seed=seed) if dataflow  # type: ignore[arg-type]
+                       else Genome(spec, self.sources, models.base, layout, seed=seed))
         # every configuration check that can fail runs now, before a study exists (evomerge/search/preflight.py)
         check_before_study(self.scorer.evaluator, self.tasks, base=models.base or next(iter(self.sources.values())),
                            tokenizer_dir=self.tokenizer_dir,
-                           genome=self.genome, n_trials=spec.n_trials, sampler=raw["sampler"], seed=int(raw.get("seed", 0)))
-        self.warm = warm_points(parse_warm(raw.get("warm_start")), self.genome)  # its errors, too, come first
+                           genome=self.genome, n_trials=spec.n_trials, sampler=self.config.sampler, seed=seed)
+        self.warm = warm_points(self.config.warm_start, self.genome)  # its errors, too, come first
 
     def _evaluator(self) -> Any:
         from evomerge.checkpoints.tokenizer import load_tokenizer
@@ -85,11 +84,11 @@ class SearchSession:
         tokenizer = load_tokenizer(tok_dir, trust_remote_code=self.trust_remote_code,
                                    how_to_trust="trust_remote_code=true")
         return Evaluator(tokenizer, list(self.tasks.tasks), include_paths=self.models.task_dirs,
-                         batch_size=int(self.raw["batch_size"]), device=str(self.device),
-                         max_gen_toks=self.raw.get("max_gen_toks"), splits=self.tasks.split_plan(int(self.raw.get("seed", 0))),
+                         batch_size=self.config.batch_size, device=str(self.device),
+                         max_gen_toks=self.config.max_gen_toks, splits=self.tasks.split_plan(self.config.seed),
                          apply_chat_template=self.tasks.apply_chat_template,
                          fewshot_as_multiturn=self.tasks.fewshot_as_multiturn,
-                         backend=str(self.raw.get("evaluator", "fast")))
+                         backend=self.config.evaluator)
 
     def _study_meta(self) -> dict[str, Any]:
         lay = self.genome.layout
@@ -103,10 +102,10 @@ class SearchSession:
 
     def _make_storage(self) -> optuna.storages.BaseStorage:
         """The study's storage (a hook: cluster workers open a shared one, see evomerge.search.cluster)."""
-        return make_storage(self.raw["storage"], self.run_dir, driver.retry_trial)
+        return make_storage(self.config.storage.mapping(), self.run_dir, driver.retry_trial)
 
     def _open_study(self) -> optuna.Study:
-        raw, spec = self.raw, self.spec
+        spec = self.spec
         storage = self._make_storage()
         self.storage = storage
         single = len(self.objectives) == 1
@@ -114,8 +113,9 @@ class SearchSession:
         self.prune = bool(spec.pruning.enabled and single and first != 1)
         self.first = first if self.prune else None
         self.pruner = make_pruner(self.prune, float(spec.pruning.keep), int(spec.pruning.startup_trials))
-        self.sampler_for = lambda start: make_sampler(raw["sampler"], int(raw.get("seed", 0)), self._inside(start))
-        name = str(raw["study_name"])
+        config = self.config  # a cluster worker gives its sampler a seed of its own (run/cluster.py)
+        self.sampler_for = lambda start: make_sampler(config.sampler, config.seed, self._inside(start))
+        name = config.study_name
         expect_study(storage, name, self.run_dir)
         study = optuna.create_study(study_name=name, storage=storage, directions=["maximize"] * len(self.objectives),
                                     load_if_exists=True)
@@ -152,7 +152,7 @@ class SearchSession:
     def run(self) -> dict[str, Any]:
         """The whole search, while holding the study's session lock: a second process on the same study file
         is refused before it loads anything (it would spend the budget twice and fail this one's trial)."""
-        with session_lock(self.raw["storage"], self.run_dir, str(self.raw["study_name"]), shared=False):
+        with session_lock(self.config.storage.mapping(), self.run_dir, self.config.study_name, shared=False):
             return self._run()
 
     def _run(self) -> dict[str, Any]:
@@ -195,23 +195,24 @@ class SearchSession:
             driver.enqueue_baselines(study, {w.label: w.params for w in self.warm}, {w.label: w.seed for w in self.warm})
 
     def _rescore(self, study: optuna.Study, get_engine: Any) -> FinalResult:
-        final = self.raw["final"]
-        return rescore(study, self.genome, get_engine, self.scorer, top_k=int(final["top_k"]),
-                       rescore_search=bool(final.get("rescore_search", True)), search_limit=self.spec.limit,
-                       progress=self.progress, margin_se=float(final.get("margin_se", 1.0)),
+        final = self.config.final
+        return rescore(study, self.genome, get_engine, self.scorer, top_k=final.top_k,
+                       rescore_search=final.rescore_search, search_limit=self.spec.limit,
+                       progress=self.progress, margin_se=final.margin_se,
                        cache=self._score_cache(), select_split=self.scorer.evaluator.splits.has("select"))
 
     def _score_cache(self) -> ScoreCache | None:
-        root = self.raw["final"].get("score_cache")
+        config = self.config
+        root = config.final.score_cache
         if not root:
             return None
         if root == "auto":
             from evomerge.zoo.build import cache_root
 
             root = cache_root() / "scores"
-        context = {"tasks": _fitness_key(self.tasks, self.objectives, None), "eval_dtype": self.raw["eval_dtype"],
-                   "batch_size": self.raw["batch_size"], "max_gen_toks": self.raw.get("max_gen_toks"),
-                   "evaluator": self.raw.get("evaluator", "fast"),
+        context = {"tasks": _fitness_key(self.tasks, self.objectives, None), "eval_dtype": config.eval_dtype,
+                   "batch_size": config.batch_size, "max_gen_toks": config.max_gen_toks,
+                   "evaluator": config.evaluator,
                    "device": getattr(self.device, "type", str(self.device)),
                    "items": self.scorer.evaluator.splits.digest()}
         return ScoreCache(root, context, self.models.task_dirs, tokenizer_dir=self.tokenizer_dir)
@@ -220,7 +221,7 @@ class SearchSession:
         from evomerge.checkpoints import parse_dtype
         from evomerge.engine.prepared import PreparedMerge
 
-        dtype = parse_dtype(self.raw["eval_dtype"], "eval_dtype")  # checked at start-up (app.py)
+        dtype = parse_dtype(self.config.eval_dtype, "eval_dtype")
         if isinstance(self.genome, DataflowGenome):  # no merge kernel: the live model is re-wired per candidate
             from evomerge.engine.stack import StackEngine
 
@@ -228,9 +229,9 @@ class SearchSession:
                                       trust_remote_code=self.trust_remote_code)
             return self.engine
         recipe = self.genome.recipe(self.genome.baselines()["textbook"])
-        self.engine = PreparedMerge(recipe, device=str(self.device), memory=self.raw.get("memory", "auto"),
-                                    model_dtype=dtype, progress=self.progress, device_map=self.raw.get("device_map"),
-                                    max_memory=self.raw.get("max_memory"), trust_remote_code=self.trust_remote_code)
+        self.engine = PreparedMerge(recipe, device=str(self.device), memory=self.config.memory,
+                                    model_dtype=dtype, progress=self.progress, device_map=self.config.device_map,
+                                    max_memory=self.config.max_memory, trust_remote_code=self.trust_remote_code)
         return self.engine
 
     def _outputs(self, study: optuna.Study, final: FinalResult, interrupted: bool) -> dict[str, Any]:
@@ -244,7 +245,7 @@ class SearchSession:
         if best is not None:
             export_trial(self.genome, by_number[best.number], run_dir / "best", scores=best.as_dict(),
                          title=f"evomerge {self.spec.name}: {best.label}", search_limit=self.spec.limit,
-                         model=bool(self.raw["final"].get("export_model", True)), device=str(self.device),
+                         model=self.config.final.export_model, device=str(self.device),
                          progress=False, fused=self.engine.fused if self.engine is not None else "auto",
                          trust_remote_code=self.trust_remote_code)
         for n in final.front:
@@ -262,7 +263,7 @@ class SearchSession:
             "baselines": {c.label: c.as_dict() for c in final.baselines},
             "best_baseline": _best_baseline(final),
             "winner_rule": (f"the best searched recipe if its {chosen}-split fitness beats the best baseline's by more "
-                            f"than {float(self.raw['final'].get('margin_se', 1.0)):g} standard error(s) of the "
+                            f"than {self.config.final.margin_se:g} standard error(s) of the "
                             f"difference, else that baseline; the test split is never used to choose"),
             "split_roles": {"search": "optimised", **({"select": "chose the winner"} if chosen == "select" else {}),
                             "test": "reported only"},
@@ -284,7 +285,7 @@ def is_cluster(raw: dict[str, Any]) -> bool:
     return raw.get("worker") is not None or (raw.get("storage") or {}).get("kind") == "postgres"
 
 
-def run_parameter_space(raw: dict[str, Any], run_dir: Path, tasks: Any, ps: dict[str, Any]) -> str:
+def run_parameter_space(raw: dict[str, Any], run_dir: Path, ps: dict[str, Any]) -> str:
     """PS-then-DFS: run the parameter-space search ``ps`` names (its own study in ``run_dir/parameter_space``,
     resumed like any study) and return its exported winner's model directory, the data-flow search's ``ps`` source.
 
@@ -309,11 +310,25 @@ def run_parameter_space(raw: dict[str, Any], run_dir: Path, tasks: Any, ps: dict
     ps_raw["study_name"] = f"{raw['study_name']}-{ps['search']}"  # type: ignore[index]
     ps_raw["final"] = {**ps_raw["final"], "export_model": True}  # type: ignore[index,dict-item]
     ps_dir = run_dir / "parameter_space"
-    SearchSession(ps_raw, ps_dir, tasks, multi_objective=False, t0=time.perf_counter()).run()  # type: ignore[arg-type]
+    session = SearchSession(parse_config(ps_raw), ps_dir, t0=time.perf_counter())  # type: ignore[arg-type]
+    session.multi_objective = False  # its winner is one model, whatever the data-flow search's sampler
+    session.run()
     model = ps_dir / "best" / "model"
     if not (model / "config.json").is_file():
         raise ConfigError(f"the parameter-space search in {ps_dir} exported no winner model; see its report.md.")
     return str(model.resolve())
+
+
+def _with_sources(spec: Any, sources: list[str], *, replace: bool = False) -> Any:
+    """A copy of the search spec with ``sources``: where it has none (null: every specialist of the models
+    group), or always with ``replace``. A copy, so the run's config stays as it was parsed."""
+    from dataclasses import replace as copy
+
+    if spec.sources is not None and not replace:
+        return spec
+    if isinstance(spec, DataflowSpec):
+        return copy(spec, common=copy(spec.common, sources=sources))
+    return copy(spec, sources=sources)
 
 
 def _best_baseline(final: FinalResult) -> dict[str, Any] | None:

@@ -14,13 +14,14 @@ from __future__ import annotations
 from typing import Any
 
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.search.config import SamplerConfig
 from evomerge.search.fitness import TaskSpec
 
 _SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
 
 def check_before_study(evaluator: Any, tasks: TaskSpec, *, base: str | None, tokenizer_dir: str, genome: Any,
-                       n_trials: int, sampler: dict[str, Any], seed: int) -> None:
+                       n_trials: int, sampler: SamplerConfig, seed: int) -> None:
     """Raise one ConfigError listing every problem found; return quietly when there is none."""
     problems: list[str] = []
     plan = evaluator.splits
@@ -97,7 +98,7 @@ def check_tokenizer(tokenizer: Any, tokenizer_dir: str, base: str) -> list[str]:
     return []
 
 
-def check_sampler_options(sampler: dict[str, Any], seed: int) -> list[str]:
+def check_sampler_options(sampler: SamplerConfig, seed: int) -> list[str]:
     from evomerge.search.samplers import make_sampler
 
     try:
@@ -105,7 +106,7 @@ def check_sampler_options(sampler: dict[str, Any], seed: int) -> list[str]:
     except ConfigError as exc:
         return [str(exc)]
     except ValueError as exc:  # Optuna's own check of an option's value
-        return [f"sampler.options for {sampler.get('name')!r}: {exc}. Fix the value (`sampler.options.KEY=...`)."]
+        return [f"sampler.options for {sampler.name!r}: {exc}. Fix the value (`sampler.options.KEY=...`)."]
     return []
 
 

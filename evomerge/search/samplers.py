@@ -10,11 +10,19 @@ full evaluations it would never get.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import optuna
 
 from evomerge.errors import ConfigError
+
+
+class SamplerConfig(Protocol):
+    """What a sampler is made from: search/config.py's SamplerConfig (not imported: it imports SAMPLERS)."""
+
+    name: str
+    options: dict[str, Any]
+    start: str
 
 
 def _cmaes(seed: int, opts: dict[str, Any]) -> optuna.samplers.BaseSampler:
@@ -46,21 +54,7 @@ SAMPLERS: dict[str, Callable[[int, dict[str, Any]], optuna.samplers.BaseSampler]
 MULTI_OBJECTIVE = {"nsga2", "tpe", "random", "gp"}  # samplers that keep a Pareto front
 
 
-def check_sampler(cfg: dict[str, Any]) -> str:
-    """The sampler's name, after checking it exists (called before any work)."""
-    name = cfg.get("name")
-    if name not in SAMPLERS:
-        raise ConfigError(f"sampler.name = {name!r} is unknown; pick one with `sampler=NAME`, NAME in {', '.join(SAMPLERS)}.")
-    opts = cfg.get("options") or {}
-    if not isinstance(opts, dict):
-        raise ConfigError("sampler.options must be a mapping of keyword arguments for the Optuna sampler.")
-    if cfg.get("start", "best_baseline") not in ("best_baseline", "center"):
-        raise ConfigError(f"sampler.start = {cfg.get('start')!r}: use best_baseline (CMA-ES starts at the best "
-                          f"baseline's genes) or center (the middle of the bounds).")
-    return str(name)
-
-
-def make_sampler(cfg: dict[str, Any], seed: int, start: dict[str, Any] | None = None) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: SamplerConfig, seed: int, start: dict[str, Any] | None = None) -> optuna.samplers.BaseSampler:
     """The configured sampler; CMA-ES (``start: best_baseline``) is centred on ``start`` when given.
 
     Why centre CMA-ES on the best baseline: it otherwise starts at the middle of the bounds, which for a
@@ -68,9 +62,8 @@ def make_sampler(cfg: dict[str, Any], seed: int, start: dict[str, Any] | None = 
     single strong specialist sits. Samplers that model every finished trial (TPE, GP) learn from the
     baselines anyway.
     """
-    name = check_sampler(cfg)
-    opts = dict(cfg.get("options") or {})
-    if name == "cmaes" and cfg.get("start", "best_baseline") == "best_baseline" and start:
+    name, opts = cfg.name, dict(cfg.options)  # checked once, by search/config.py's parse_sampler
+    if name == "cmaes" and cfg.start == "best_baseline" and start:
         opts.setdefault("x0", start)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

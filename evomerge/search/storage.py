@@ -146,6 +146,7 @@ def _postgres(cfg: dict[str, Any], run_dir: Path, cb: Any) -> optuna.storages.Ba
 
 
 _BUILDERS: dict[str, Builder] = {"sqlite": _sqlite, "journal": _journal, "postgres": _postgres}
+STORAGE_KINDS = tuple(_BUILDERS)
 
 
 def make_storage(cfg: dict[str, Any], run_dir: Path, failed_trial_callback: Any = None) -> optuna.storages.BaseStorage:
