@@ -213,6 +213,25 @@ def test_prepared_engine_refuses_a_vocabulary_it_would_have_to_relay(fam):
         PreparedMerge(r, device="cpu", memory="disk", progress=False)
 
 
+def test_prepared_engine_takes_a_tokenizer_source_that_changes_no_row(fam, tmp_path):
+    text = f"""
+merge_method: ties
+base_model: {fam['A']}
+models:
+  - model: {fam['B']}
+    parameters: {{weight: 0.5, density: 0.6}}
+tokenizer_source: base
+"""
+    recipe = Recipe.from_dict(yaml.safe_load(text))
+    engine = PreparedMerge(recipe, device="cpu", progress=False)
+    merged = mk.state(merge_to_dir(recipe, tmp_path / "out", progress=False))
+    scored = engine.state_dict()
+    mk.assert_same_tensors(scored, {k: merged[k] for k in scored}, label="prepared vs one-shot")
+    other = Recipe.from_dict(yaml.safe_load(text.replace("tokenizer_source: base", "tokenizer_source: union")))
+    with pytest.raises(MergeError, match="prepare a new engine"):  # another tokenizer setting: not this engine's
+        engine.apply(other)
+
+
 def test_differing_vocabularies_without_a_tokenizer_source_are_still_refused(fam):
     text = _fill(RECIPES["ties_union"], fam).replace("tokenizer_source: union\n", "")
     with pytest.raises(Exception, match="vocab"):

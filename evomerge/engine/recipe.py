@@ -214,7 +214,8 @@ class Recipe:
             layout = tuple(tuple((s.model, s.layer_range) for s in sl.sources) for sl in self.slices)
         else:
             layout = tuple(s.model for s in self.models)
-        return (self.merge_method, self.base_model, layout, self.compute_dtype or self.dtype)
+        vocab = (self.tokenizer_source, yaml.safe_dump(self.tokenizer, sort_keys=True) if self.tokenizer else None)
+        return (self.merge_method, self.base_model, layout, self.compute_dtype or self.dtype, vocab)
 
 
 def _check_dtype(name: Any, where: str) -> None:
