@@ -382,3 +382,21 @@ def test_chat_templates_render_as_mergekit_output_tokenizers(fam, tmp_path):
     for name, (_, theirs) in zip(names, jobs):
         assert _render(ours[name]) == _render(theirs), name
         assert _tokenizer_view(ours[name]) == _tokenizer_view(theirs), name
+
+
+@pytest.mark.slow
+def test_other_vocabulary_tensor_names_equal_mergekit(tmp_path):
+    """Tied embeddings (Qwen2: no lm_head stored) and GPT-2's wte re-laid as mergekit re-lays them."""
+    jobs, ours = [], []
+    for arch in ("qwen2", "gpt2"):
+        base, fts = make_family(tmp_path / arch, arch, n_models=3, layers=2)
+        _grow(fts[1], [AddedToken("<think>", special=True), AddedToken("<tool>", special=False)], 50, 1)
+        _grow(fts[2], [AddedToken("<think>", special=True)], 56, 2)
+        fam = {"A": base, "B": fts[0], "C": fts[1], "D": fts[2]}
+        recipe = write_recipe(tmp_path / f"{arch}.yml", _fill(RECIPES["tokens_block"], fam))
+        ours.append(merge_to_dir(load_recipe(recipe), tmp_path / f"ours-{arch}", progress=False))
+        jobs.append((recipe, tmp_path / f"mk-{arch}"))
+    mk.mergekit_yaml(jobs)
+    for mine, (_, theirs) in zip(ours, jobs):
+        mk.assert_same_tensors(mk.state(mine), mk.state(theirs), label=mine.name)
+        assert _tokenizer_view(mine) == _tokenizer_view(theirs), mine.name
