@@ -123,8 +123,8 @@ def test_every_problem_is_reported_together_and_nothing_is_opened(tiny_zoo, fami
                    include_paths=[str(ROOT / "examples" / "gsm8k_local")], splits=spec.split_plan())
     with pytest.raises(ConfigError) as err:
         preflight.check_before_study(ev, spec, base=str(tiny_zoo.base), tokenizer_dir=str(tok_dir),
-                                     genome=_genome(family), n_trials=1, sampler={"name": "cmaes", "options": {"x": 1}},
-                                     seed=0)
+                                     genome=_genome(family), n_trials=1,
+                                     sampler=parse_sampler({"name": "cmaes", "options": {"x": 1}}), seed=0)
     paragraphs = str(err.value).split("\n\n")
     for needle in ("has no split 'search'", "does not report the metric 'acc'", "token 'a' has id",
                    "no chat template", "unexpected keyword argument 'x'", "search.n_trials = 1",
