@@ -67,6 +67,7 @@ def main() -> None:
     t = time.perf_counter()
     s._setup()
     setup_s = time.perf_counter() - t
+    s.storage = s.coord.open_storage()
     study = s._open_study()
     t = time.perf_counter()
     engine = s._engine()

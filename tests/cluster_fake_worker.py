@@ -1,4 +1,4 @@
-"""A cluster worker with the real gate, loop, storage and final claim, but no model: a trial sleeps.
+"""A cluster worker with the real gate, loop, storage and export claim, but no model: a trial sleeps.
 
 Run as a script by tests/test_cluster.py, many at once, to hammer the budget
 gate in seconds. ``--die-at K`` SIGKILLs this process in the middle of its
@@ -82,7 +82,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     from evomerge.search import driver
     from evomerge.search.cluster import export_claim
-    from evomerge.search.cluster.budget import ClusterLoop
+    from evomerge.search.cluster.budget import Gate
     from evomerge.search.cluster.storage import study_mutex
     from evomerge.search.storage import make_storage
 
@@ -97,11 +97,13 @@ def main() -> None:
     engine = Engine()
     label = f"{args.worker}@pid{os.getpid()}"
     sampler_for = lambda start: optuna.samplers.RandomSampler(seed=int(args.worker))  # noqa: E731
-    loop = ClusterLoop(study, sampler_for, optuna.pruners.NopPruner(), genome, engine,
-                       Scorer(engine, args.delay, args.die_at, Path(args.started) if args.started else None), n_trials=args.n, limit=None, first_limit=None,
-                       prune=False, seed=0, fresh_seeds=False, progress=False, mutex=mutex, worker=label, poll_s=0.2)
-    if args.die_in_gate is not None:
-        inner, asked = loop.gate.inner, []
+    gate = Gate(study, mutex, args.n, label, poll_s=0.2)
+    loop = driver.SearchLoop(study, sampler_for, optuna.pruners.NopPruner(), genome, engine,
+                             Scorer(engine, args.delay, args.die_at, Path(args.started) if args.started else None),
+                             n_trials=args.n, limit=None, first_limit=None, prune=False, seed=0, fresh_seeds=False,
+                             progress=False, budget=gate)
+    if args.die_in_gate is not None:  # the gate asks the mirror for the trial with the mutex held
+        inner, asked = loop.mirror, []
         orig = inner.ask
 
         def ask(dists):
@@ -121,7 +123,7 @@ def main() -> None:
     if won:
         with export_claim.beating(study, claim, 0.2):
             time.sleep(0.5)
-    print(json.dumps({"worker": label, "ran": loop.gate.ran, "won": won, "healed": loop.gate.healed}))
+    print(json.dumps({"worker": label, "ran": loop.ran, "won": won, "healed": gate.healed}))
     sys.stdout.flush()
 
 

@@ -61,7 +61,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run (or resume) the search ``cfg`` describes; return the summary written to summary.json."""
     from hydra.core.hydra_config import HydraConfig
 
-    from evomerge.run.cluster import ClusterSession, is_cluster
+    from evomerge.run.cluster import Shared, is_cluster
     from evomerge.run.session import SearchSession
     from evomerge.search.config import parse_config
 
@@ -70,8 +70,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     assert isinstance(raw, dict)
     config = parse_config(raw)  # every group checked once, typed; nothing loaded yet
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    session_cls = ClusterSession if is_cluster(raw) else SearchSession  # a worker of a shared study (docs/cluster.md)
-    return session_cls(config, run_dir, t0=t0).run()
+    coord = Shared(config, run_dir) if is_cluster(raw) else None  # a worker of a shared study (docs/cluster.md)
+    return SearchSession(config, run_dir, t0=t0, coord=coord).run()
 
 
 @hydra.main(version_base="1.3", config_path=_conf_dir(), config_name="config")

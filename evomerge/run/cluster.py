@@ -1,15 +1,18 @@
-"""One worker of a cluster sweep: the single-machine session, sharing its study with other workers.
+"""One worker of a cluster sweep: the search session with the shared coordination (:class:`Shared`).
 
-What differs from :class:`~evomerge.run.session.SearchSession`, and why:
+What a worker does differently from a single process (run/coordination.py names each point), and why:
 
 * the study lives in a shared storage (PostgreSQL, or a journal / SQLite file
   in the shared folder), with heartbeats on, so dead workers are detected;
 * setting the study up (search-space check, baselines) happens under the study
   mutex, so eight workers starting together enqueue each baseline once;
-* every trial passes the budget gate (:mod:`.budget`): the budget counts
+* each worker's sampler has a seed of its own, or every worker would propose the
+  same candidates (the DARE/DELLA mask seed stays the study's);
+* every trial passes the budget gate (search/cluster/budget.py): the budget counts
   trials across all workers, exactly;
-* one worker wins the final claim (:mod:`.final`) and does the held-out
-  re-scoring and the export, into the shared folder; the others say who.
+* one worker wins the export claim (search/cluster/export_claim.py) and does the
+  held-out re-scoring and the export, into the shared folder; the others say who.
+  Every worker writes ``worker-<N>.json`` (what it ran, whether it exported).
 
 The merge engine is prepared once per worker and reused for every trial.
 """
@@ -18,21 +21,23 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
-from dataclasses import replace
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import optuna
 
 from evomerge.errors import ConfigError
+from evomerge.run.coordination import Outcome
+from evomerge.run.session import is_cluster  # noqa: F401  (the app asks here)
 from evomerge.search import driver
-from evomerge.search.cluster import export_claim
-from evomerge.search.cluster.budget import ClusterLoop, tally
-from evomerge.search.cluster.manifest import write_manifest
 from evomerge.search.backends import postgres_url
+from evomerge.search.cluster import export_claim
+from evomerge.search.cluster.budget import WORKER_ATTR, Gate, tally
+from evomerge.search.cluster.manifest import write_manifest
 from evomerge.search.cluster.storage import study_mutex
 from evomerge.search.config import RunConfig
 from evomerge.search.storage import heartbeat_enabled, make_storage, session_lock, storage_url
-from evomerge.run.session import SearchSession, _print_summary, is_cluster  # noqa: F401  (is_cluster: the app asks here)
 
 SHARED_KINDS = ("postgres", "journal", "sqlite")
 
@@ -44,12 +49,11 @@ def worker_label(raw: dict[str, Any]) -> str:
     return f"{label}/slurm:{job}" if job else label
 
 
-def sampler_seed(raw: dict[str, Any], label: str) -> int:
-    """A sampler seed of this worker's own: with one shared seed every worker would propose the same
-    candidates (the merge's DARE/DELLA mask seed stays the study's ``seed``)."""
+def sampler_seed(base: int, w: Any, label: str) -> int:
+    """A sampler seed of this worker's own (``w``: its ``worker`` index): with one shared seed every worker
+    would propose the same candidates (the merge's DARE/DELLA mask seed stays the study's ``seed``)."""
     import hashlib
 
-    base, w = int(raw.get("seed", 0)), raw.get("worker")
     try:
         return base + 7919 * (int(w) + 1)
     except (TypeError, ValueError):  # no (numeric) worker index: the host and pid tell workers apart
@@ -104,123 +108,114 @@ def check_cluster(raw: dict[str, Any]) -> None:
         postgres_url(cfg)
 
 
-class ClusterSession(SearchSession):
-    def __init__(self, config: RunConfig, run_dir: Path, *, t0: float) -> None:
+class Shared:
+    """The coordination of a worker whose study other workers share (run/coordination.py says what each
+    method is for): the session lock held shared with the other workers, the study mutex as the setup lock,
+    the study-wide budget gate, the export claim, a sampler seed and (``device=auto``) a GPU of its own."""
+
+    def __init__(self, config: RunConfig, job_dir: Path) -> None:
         raw = config.raw
         check_cluster(raw)
-        self.job_dir = run_dir
-        super().__init__(config, shared_dir(raw, run_dir), t0=t0)
-        self.worker = worker_label(raw)
-        self._shared: Any = None
+        self.index, self.worker = raw.get("worker"), worker_label(raw)
+        self.job_dir, self.out_dir = job_dir, shared_dir(raw, job_dir)
+        self.storage_cfg = storage_cfg(raw)
+        self.interval = float(self.storage_cfg.get("heartbeat_interval") or 1)
+        self.poll_s = config.cluster.poll_s
+        self.storage: optuna.storages.BaseStorage | None = None
+        self.mutex: Any = None
+        self.claim: dict[str, Any] | None = None
 
-    def _make_storage(self) -> Any:
-        """The study's storage, opened once per worker (the mutex needs it before the study exists)."""
-        if self._shared is None:
-            self._shared = make_storage(storage_cfg(self.raw), self.run_dir, driver.retry_trial)
-            if not heartbeat_enabled(self._shared):
-                raise ConfigError("the shared storage has no heartbeats; set storage.heartbeat_interval.")
-        return self._shared
+    def session_lock(self, study_name: str) -> AbstractContextManager[object]:
+        """Shared with the other workers: a single-process search on the same study file is refused, and refuses them."""
+        return session_lock(self.storage_cfg, self.out_dir, study_name, shared=True)
 
-    def _pick_device(self) -> None:
+    def open_storage(self) -> optuna.storages.BaseStorage:
+        self.storage = make_storage(self.storage_cfg, self.out_dir, driver.retry_trial)
+        if not heartbeat_enabled(self.storage):
+            raise ConfigError("the shared storage has no heartbeats; set storage.heartbeat_interval.")
+        return self.storage
+
+    def setup_lock(self, storage: optuna.storages.BaseStorage, study_name: str) -> AbstractContextManager[object]:
+        """The study mutex (search/cluster/storage.py), kept for the budget gate and the export claim."""
+        self.mutex = study_mutex(storage, study_name)
+        return self.mutex
+
+    def device(self, name: str) -> str:
         """``device=auto`` with several visible GPUs: worker N takes GPU N mod count (submitit_local shows all)."""
-        if self.config.device != "auto":
-            return
+        if name != "auto":
+            return name
         import torch
 
         n = torch.cuda.device_count()
-        if n > 1:
-            try:
-                index = int(self.raw.get("worker") or 0)
-            except ValueError:
-                index = 0
-            self.config = replace(self.config, device=f"cuda:{index % n}")
+        if n <= 1:
+            return name
+        try:
+            index = int(self.index or 0)
+        except ValueError:
+            index = 0
+        return f"cuda:{index % n}"
 
-    def run(self) -> dict[str, Any]:
-        """The worker's share of the search, holding the study's session lock shared (with the other workers;
-        a single-process search on the same study file is refused, and refuses them)."""
-        with session_lock(storage_cfg(self.raw), self.run_dir, str(self.raw["study_name"]), shared=True):
-            return self._run()
+    def sampler_seed(self, seed: int) -> int:
+        return sampler_seed(seed, self.index, self.worker)
 
-    def _run(self) -> dict[str, Any]:
-        self._pick_device()
-        self._setup()
-        # each worker's sampler gets a seed of its own, or every worker would propose the same candidates;
-        # the genome (DARE/DELLA masks) was built above with the study's seed and keeps it
-        self.config = replace(self.config, seed=sampler_seed(self.raw, self.worker))
-        name = str(self.raw["study_name"])
-        mutex = study_mutex(self._make_storage(), name)
-        with mutex:  # one worker at a time checks the search space and enqueues the baselines
-            study = self._open_study()
-            self._enqueue_baselines(study)
-            write_manifest(self.run_dir, name, storage_cfg(self.raw))
-        n_trials = self.spec.n_trials
-        start_tally = tally(study.get_trials(deepcopy=False))
-        print(f"evomerge: worker {self.worker} joined study {name!r} in {storage_url(self.storage)}: "
-              f"{min(start_tally.finished, n_trials)} of {n_trials} trials finished, {start_tally.running} running.")
-        get_engine = driver.lazy(self._engine, lambda start: self._timed("prepare_s", start))
+    def begin(self, study: optuna.Study, n_trials: int) -> None:
+        """Dead workers' trials are the gate's to find (by heartbeat); here the shared folder's manifest."""
+        write_manifest(self.out_dir, study.study_name, self.storage_cfg)
+        t = tally(study.get_trials(deepcopy=False))
+        print(f"evomerge: worker {self.worker} joined study {study.study_name!r} in {storage_url(self.storage)}: "
+              f"{min(t.finished, n_trials)} of {n_trials} trials finished, {t.running} running.")
 
-        stats, ran, taken_over = driver.LoopStats(), [], []
-        start = time.perf_counter()
-        if start_tally.finished < n_trials:
-            loop = ClusterLoop(study, self.sampler_for, self.pruner, self.genome, get_engine(), self.scorer,
-                               n_trials=n_trials, limit=self.spec.limit, first_limit=self.first, prune=self.prune,
-                               seed=self.genome.seed, fresh_seeds=self.spec.random_mode == "fresh",
-                               progress=self.progress, mutex=mutex, worker=self.worker,
-                               poll_s=self.config.cluster.poll_s)
-            stats = loop.run()
-            ran, taken_over = loop.gate.ran, loop.taken_over
-        self.timings["search_s"] = round(time.perf_counter() - start - self.timings.get("prepare_s", 0.0), 3)
-        self.timings["per_candidate"] = stats.per_candidate()
-        record: dict[str, Any] = {"worker": self.worker, "study": name, "storage": storage_url(self.storage),
-                                  "trials_run": ran, "trials_taken_over": taken_over, "interrupted": stats.interrupted,
-                                  "exported": False, "timings": self.timings}
-        if stats.interrupted:
+    def budget(self, study: optuna.Study, n_trials: int) -> Gate:
+        return Gate(study, self.mutex, n_trials, self.worker, self.poll_s)
+
+    @contextmanager
+    def export(self, study: optuna.Study, outcome: Outcome, n_trials: int) -> Iterator[bool]:
+        """An interrupted worker leaves the export to the others (its trial is retried by one of them). A worker
+        that ran no trial of this study (a rerun) watches an unfinished claim for a grace period and takes it
+        over from a dead exporter; the others never wait for it."""
+        name = study.study_name
+        if outcome.interrupted:
             t = tally(study.get_trials(deepcopy=False))
             print(f"\nevomerge: worker {self.worker} interrupted; its trial is retried by another worker. "
                   f"{t.finished} of {n_trials} trials finished. Start a worker again (same command) to rejoin.")
-            return self._worker_record(record)
-        watch = None if ran else float(storage_cfg(self.raw).get("grace_period") or 0) + 2 * self._interval()
-        won, claim = export_claim.claim(study, mutex, self.worker, self.run_dir, watch_s=watch,
-                                       poll_s=min(1.0, self._interval()))
-        record["final"] = claim
+            yield False
+            return
+        watch = None if outcome.ran else float(self.storage_cfg.get("grace_period") or 0) + 2 * self.interval
+        won, self.claim = export_claim.claim(study, self.mutex, self.worker, self.out_dir, watch_s=watch,
+                                             poll_s=min(1.0, self.interval))
         if not won:
             print(f"evomerge: study {name!r}: {n_trials} of {n_trials} trials finished; worker {self.worker} ran "
-                  f"{len(ran)}. {export_claim.describe(claim)}.")
-            return self._worker_record(record)
+                  f"{len(outcome.ran)}. {export_claim.describe(self.claim)}.")
+            yield False
+            return
         print(f"evomerge: study {name!r}: {n_trials} of {n_trials} trials finished; worker {self.worker} does the "
-              f"held-out evaluation and export into {self.run_dir}.")
-        start, prep = time.perf_counter(), self.timings.get("prepare_s", 0.0)
-        with export_claim.beating(study, claim, self._interval()):
-            final = self._rescore(study, get_engine)
-            self.timings["final_s"] = round(time.perf_counter() - start - (self.timings.get("prepare_s", 0.0) - prep), 3)
-            summary = self._outputs(study, final, False)
-        summary["cluster"] = {"exported_by": self.worker, "workers": _workers(study)}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        _print_summary(summary, self.run_dir)
-        record["exported"] = True
-        self._worker_record(record)
-        return summary
+              f"held-out evaluation and export into {self.out_dir}.")
+        with export_claim.beating(study, self.claim, self.interval):
+            yield True
 
-    def _interval(self) -> float:
-        return float(storage_cfg(self.raw).get("heartbeat_interval") or 1)
+    def summary_keys(self, study: optuna.Study) -> dict[str, Any]:
+        return {"cluster": {"exported_by": self.worker, "workers": _workers(study)}}
 
-    def _worker_record(self, record: dict[str, Any]) -> dict[str, Any]:
+    def finish(self, study: optuna.Study, summary: dict[str, Any] | None, outcome: Outcome,
+               timings: dict[str, Any]) -> dict[str, Any]:
         """``worker-<N>.json`` in this worker's run folder (workers started by hand share one): what it ran,
-        whether it exported."""
+        whether it exported. The session returns the summary if this worker exported, else this record."""
+        record: dict[str, Any] = {"worker": self.worker, "study": study.study_name, "storage": storage_url(self.storage),
+                                  "trials_run": outcome.ran, "trials_taken_over": outcome.taken_over,
+                                  "interrupted": outcome.interrupted, "exported": outcome.exported, "timings": timings}
+        if self.claim is not None:
+            record["final"] = self.claim
         self.job_dir.mkdir(parents=True, exist_ok=True)
-        name = f"worker-{self.raw.get('worker') if self.raw.get('worker') is not None else 0}.json"
+        name = f"worker-{self.index if self.index is not None else 0}.json"
         (self.job_dir / name).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        return record
+        return summary if summary is not None else record
 
 
-def _workers(study: Any) -> dict[str, int]:
+def _workers(study: optuna.Study) -> dict[str, int]:
     """Trials per worker (from each trial's ``worker`` attribute)."""
-    from evomerge.search.cluster.budget import WORKER_ATTR
-
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         w = t.user_attrs.get(WORKER_ATTR)
         if w is not None:
             counts[w] = counts.get(w, 0) + 1
     return counts
-

@@ -1,5 +1,9 @@
 """One search session: models, evaluator and study set up once, then search, final scoring and outputs.
 
+The same path for one process and for each worker of a cluster sweep: what a process shares with others
+is the :class:`~evomerge.run.coordination.Coordination` it is given (run/coordination.py; the cluster
+worker's is run/cluster.py's ``Shared``), never a different copy of the path.
+
 Why a resumed study refuses a changed search space: Optuna stores parameters
 by name, so a study whose genes changed meaning (another method, other bounds,
 other layer groups, another fitness) would silently mix incompatible trials.
@@ -27,12 +31,14 @@ from evomerge.search.preflight import check_before_study
 from evomerge.search.samplers import make_pruner, make_sampler
 from evomerge.search.score_cache import ScoreCache
 from evomerge.search.warm import warm_points
-from evomerge.search.storage import expect_study, make_storage, session_lock, storage_url
+from evomerge.run.coordination import Coordination, Local, Outcome
+from evomerge.search.storage import expect_study, storage_url
 
 
 class SearchSession:
-    def __init__(self, config: RunConfig, run_dir: Path, *, t0: float) -> None:
-        self.config, self.run_dir, self.tasks, self.t0 = config, run_dir, config.tasks, t0  # checked once (search/config.py)
+    def __init__(self, config: RunConfig, run_dir: Path, *, t0: float, coord: Coordination | None = None) -> None:
+        self.coord = coord if coord is not None else Local(config, run_dir)  # what is shared with other processes
+        self.config, self.run_dir, self.tasks, self.t0 = config, self.coord.out_dir, config.tasks, t0  # checked once (search/config.py)
         self.raw = config.raw
         self.multi_objective = config.multi_objective
         self.progress = config.progress
@@ -62,7 +68,7 @@ class SearchSession:
         self.sources = pick_sources(models, spec.sources)
         self.models = models
         start = time.perf_counter()
-        self.device = _device(self.config.device)
+        self.device = _device(self.coord.device(self.config.device))
         self.scorer = Scorer(self._evaluator(), self.tasks, self.objectives)
         self._timed("evaluator_s", start)
         layout = layout_of(models.base or next(iter(self.sources.values())))
@@ -100,21 +106,16 @@ class SearchSession:
             "tasks": self.tasks.tasks, "objectives": self.objectives, "limit": self.spec.limit,
         }
 
-    def _make_storage(self) -> optuna.storages.BaseStorage:
-        """The study's storage (a hook: cluster workers open a shared one, see evomerge.search.cluster)."""
-        return make_storage(self.config.storage.mapping(), self.run_dir, driver.retry_trial)
-
     def _open_study(self) -> optuna.Study:
-        spec = self.spec
-        storage = self._make_storage()
-        self.storage = storage
+        """The study in ``self.storage``, created or resumed, refused when its search space or fitness changed."""
+        spec, storage = self.spec, self.storage
         single = len(self.objectives) == 1
         first = float(spec.pruning.first_look)  # a fraction of the look's items, or a count
         self.prune = bool(spec.pruning.enabled and single and first != 1)
         self.first = first if self.prune else None
         self.pruner = make_pruner(self.prune, float(spec.pruning.keep), int(spec.pruning.startup_trials))
-        config = self.config  # a cluster worker gives its sampler a seed of its own (run/cluster.py)
-        self.sampler_for = lambda start: make_sampler(config.sampler, config.seed, self._inside(start))
+        config, seed = self.config, self.coord.sampler_seed(self.config.seed)  # a worker's sampler: a seed of its own
+        self.sampler_for = lambda start: make_sampler(config.sampler, seed, self._inside(start))
         name = config.study_name
         expect_study(storage, name, self.run_dir)
         study = optuna.create_study(study_name=name, storage=storage, directions=["maximize"] * len(self.objectives),
@@ -150,43 +151,49 @@ class SearchSession:
 
     # ---- the session -----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """The whole search, while holding the study's session lock: a second process on the same study file
-        is refused before it loads anything (it would spend the budget twice and fail this one's trial)."""
-        with session_lock(self.config.storage.mapping(), self.run_dir, self.config.study_name, shared=False):
-            return self._run()
-
-    def _run(self) -> dict[str, Any]:
-        self._setup()
-        study = self._open_study()
-        taken = driver.take_over_dead_trials(study)
-        if taken:
-            print(f"evomerge: {taken} trial(s) interrupted by a dead process were marked failed and will be retried.")
-        self._enqueue_baselines(study)
-        done = driver.count_finished(study)
-        n_trials = self.spec.n_trials
-        if done:
-            print(f"evomerge: resuming study {study.study_name!r}: {min(done, n_trials)} of {n_trials} trials done.")
-        get_engine = driver.lazy(self._engine, lambda start: self._timed("prepare_s", start))
-
-        stats = driver.LoopStats()
-        start = time.perf_counter()
-        if done < n_trials:
-            loop = driver.SearchLoop(study, self.sampler_for, self.pruner, self.genome, get_engine(), self.scorer,
-                                     n_trials=n_trials, limit=self.spec.limit, first_limit=self.first,
-                                     prune=self.prune, seed=self.genome.seed,
-                                     fresh_seeds=self.spec.random_mode == "fresh", progress=self.progress)
-            stats = loop.run()
-        self.timings["search_s"] = round(time.perf_counter() - start - self.timings.get("prepare_s", 0.0), 3)
-        self.timings["per_candidate"] = stats.per_candidate()
-        if stats.interrupted:
-            print(f"\nevomerge: interrupted; exporting the best so far. Rerun the same command to resume "
-                  f"({driver.count_finished(study)} of {n_trials} trials done).")
-        start, prep = time.perf_counter(), self.timings.get("prepare_s", 0.0)
-        final = self._rescore(study, get_engine)
-        self.timings["final_s"] = round(time.perf_counter() - start - (self.timings.get("prepare_s", 0.0) - prep), 3)
-        summary = self._outputs(study, final, stats.interrupted)
-        _print_summary(summary, self.run_dir)
-        return summary
+        """The whole search in one sitting: set-up, the study and its baselines, the search, the final choice,
+        the outputs. What this process shares with others (nothing, or a study other workers run too) is
+        ``self.coord``'s to decide (run/coordination.py); the path is the same."""
+        coord, name = self.coord, self.config.study_name
+        # a second search of this study file is refused before it loads anything (workers share the lock)
+        with coord.session_lock(name):
+            # ---- set-up: models, evaluator, genome; every check that can fail runs before a study exists
+            self._setup()
+            n_trials = self.spec.n_trials
+            self.storage = coord.open_storage()
+            # ---- the study and its baselines, set up once per study
+            with coord.setup_lock(self.storage, name):
+                study = self._open_study()
+                coord.begin(study, n_trials)
+                self._enqueue_baselines(study)
+            # ---- search: trials until the budget is spent (the engine is prepared only if one is left)
+            get_engine = driver.lazy(self._engine, lambda start: self._timed("prepare_s", start))
+            budget, stats, outcome = coord.budget(study, n_trials), driver.LoopStats(), Outcome()
+            start = time.perf_counter()
+            if budget.finished() < n_trials:
+                loop = driver.SearchLoop(study, self.sampler_for, self.pruner, self.genome, get_engine(), self.scorer,
+                                         n_trials=n_trials, limit=self.spec.limit, first_limit=self.first,
+                                         prune=self.prune, seed=self.genome.seed,
+                                         fresh_seeds=self.spec.random_mode == "fresh", progress=self.progress,
+                                         budget=budget)
+                stats = loop.run()
+                outcome = Outcome(ran=loop.ran, taken_over=loop.taken_over, interrupted=stats.interrupted)
+            self.timings["search_s"] = round(time.perf_counter() - start - self.timings.get("prepare_s", 0.0), 3)
+            self.timings["per_candidate"] = stats.per_candidate()
+            # ---- final: the best re-scored on held-out items and the winner chosen, by one process
+            summary = None
+            with coord.export(study, outcome, n_trials) as exporting:
+                if exporting:
+                    start, prep = time.perf_counter(), self.timings.get("prepare_s", 0.0)
+                    final = self._rescore(study, get_engine)
+                    self.timings["final_s"] = round(time.perf_counter() - start
+                                                    - (self.timings.get("prepare_s", 0.0) - prep), 3)
+                    # ---- outputs: best/, trials.csv, report.md, summary.json
+                    summary = self._outputs(study, final, stats.interrupted, coord.summary_keys(study))
+                    outcome.exported = True
+            if summary is not None:
+                _print_summary(summary, self.run_dir)
+            return coord.finish(study, summary, outcome, self.timings)
 
     def _enqueue_baselines(self, study: optuna.Study) -> None:
         """The hand-set recipes, then the warm start's points (search/warm.py), each enqueued once per study."""
@@ -234,7 +241,9 @@ class SearchSession:
                                     max_memory=self.config.max_memory, trust_remote_code=self.trust_remote_code)
         return self.engine
 
-    def _outputs(self, study: optuna.Study, final: FinalResult, interrupted: bool) -> dict[str, Any]:
+    def _outputs(self, study: optuna.Study, final: FinalResult, interrupted: bool,
+                 extra: dict[str, Any]) -> dict[str, Any]:
+        """``extra``: the coordination's own summary keys (a cluster worker: who exported, trials per worker)."""
         from evomerge.export.report import write_report
 
         start = time.perf_counter()
@@ -268,7 +277,7 @@ class SearchSession:
             "split_roles": {"search": "optimised", **({"select": "chose the winner"} if chosen == "select" else {}),
                             "test": "reported only"},
             "top": [c.as_dict() for c in final.candidates], "pareto_front": final.front,
-            "timings": self.timings,
+            "timings": self.timings, **extra,
         }
         if best is not None and hasattr(self.genome, "sequence"):  # a data-flow winner: its layer stack, for the report
             summary["layer_sequence"] = self.genome.sequence(best.params)

@@ -8,7 +8,9 @@ Budget and resume, precisely:
   marked FAIL *and* re-enqueued with the same parameters; the new trial carries
   ``retry_of = <old number>``, which is what makes the old one "retried" and not
   counted;
-* the loop runs while finished < ``search.n_trials`` (baselines included), so a
+* the loop runs while its :class:`Budget` lets it start a trial: finished <
+  ``search.n_trials`` (baselines included) for one process (:class:`LocalBudget`),
+  the study-wide gate for cluster workers (search/cluster/budget.py), so a
   resumed run finishes exactly the budget: nothing lost, nothing run twice.
 
 Dead trials are found in one of two ways. Without heartbeats (SQLite, one
@@ -24,7 +26,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -33,6 +35,11 @@ from tqdm.auto import tqdm
 from evomerge.errors import EvomergeError
 from evomerge.search.optuna_io import storage_of, trial_id
 from evomerge.search.storage import heartbeat_enabled
+
+if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
+
+    from evomerge.search.mirror import Mirror, MirroredTrial
 
 MAX_CONSECUTIVE_FAILURES = 5
 
@@ -88,13 +95,33 @@ def count_finished(study: optuna.Study) -> int:
 
 
 def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Enqueue a dead trial's parameters again, once (also Optuna's heartbeat-stale callback)."""
+    """Enqueue a dead trial again, once, with the parameters it was meant to run: every dead trial is retried
+    here (Optuna's heartbeat-stale callback, the budget gate's healing, Ctrl-C, a take-over at start-up).
+
+    Why not Optuna's ``RetryHeartbeatStaleTrialCallback``: it re-creates the dead trial whole, and three of
+    the things it carries over break a guarantee of docs/cluster.md.
+
+    * Every user attribute, ``worker`` among them. The budget gate finds a worker that died while taking a
+      trial by that attribute's absence (a RUNNING trial without ``worker``, search/cluster/budget.py); a
+      retry born with the dead worker's label, whose own worker then died the same way, is never healed,
+      and on PostgreSQL, which counts a trial without a heartbeat row as alive, stays RUNNING for ever: the
+      study-wide budget never completes. (``fitness``, ``metrics`` and ``fail_reason`` would come along too.)
+    * Every system attribute, the journal's heartbeat among them: the retry looks started before any worker
+      took it.
+    * ``trial.params``: an enqueued trial (a baseline) that died after a worker claimed it and before its
+      parameters were copied to it has none or some of them, so its retry would run sampled values under
+      the baseline's name. Here an enqueued trial's own ``fixed_params`` are retried.
+
+    What Optuna's callback would add besides is its ``retry_history`` system attribute; ``retry_of`` says the
+    same (the trial this one re-runs) and old studies already carry it.
+    """
     trials = study.get_trials(deepcopy=False)
     if trial.number in retry_of(trials):
         return
+    fixed = trial.system_attrs.get("fixed_params")  # an enqueued trial's own parameters
     attrs = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "seed")}
     attrs["retry_of"] = trial.number
-    study.enqueue_trial(dict(trial.params), user_attrs=attrs, skip_if_exists=False)
+    study.enqueue_trial(dict(trial.params if fixed is None else fixed), user_attrs=attrs, skip_if_exists=False)
 
 
 def take_over_dead_trials(study: optuna.Study) -> int:
@@ -157,6 +184,54 @@ class _Heartbeat:
             self.thread.join()
 
 
+class BudgetMet(Exception):
+    """The study has its ``n_trials`` finished trials."""
+
+
+class NoSlot(Exception):
+    """Every remaining place in the budget is taken by a running trial: wait for one to end or die."""
+
+
+class Budget(Protocol):
+    """When the loop may start a trial: the one policy that differs between one process and many workers."""
+
+    label: str     # the progress bar's
+    where: str     # names the process in the failure-streak message (" on this worker")
+    poll_s: float  # how long to wait after :class:`NoSlot`
+
+    def take(self, mirror: Mirror, dists: dict[str, BaseDistribution]) -> MirroredTrial:
+        """Start a trial (through ``mirror``), or raise :class:`BudgetMet` (stop) or :class:`NoSlot` (wait)."""
+
+    def finished(self) -> int:
+        """Finished trials, as this budget last counted them."""
+
+    def ended(self, state: TrialState) -> None:
+        """A trial this process took has ended in ``state`` (not called for one another worker failed)."""
+
+
+class LocalBudget:
+    """One process owns the study: finished trials are counted from the storage once, then by the loop, so a
+    trial costs no read of the whole study."""
+
+    label, where, poll_s = "search", "", 0.0
+
+    def __init__(self, study: optuna.Study, n_trials: int) -> None:
+        self.study, self.n_trials, self.done = study, n_trials, count_finished(study)
+
+    def take(self, mirror: Mirror, dists: dict[str, BaseDistribution]) -> MirroredTrial:
+        if self.done >= self.n_trials:
+            raise BudgetMet
+        if mirror.shared:  # heartbeats on: fail (and retry) what a dead process left running
+            optuna.storages.fail_stale_trials(self.study)
+        return mirror.ask(dists)
+
+    def finished(self) -> int:
+        return self.done
+
+    def ended(self, state: TrialState) -> None:
+        self.done += 1
+
+
 @dataclass
 class LoopStats:
     merge_s: list[float] = field(default_factory=list)
@@ -176,35 +251,52 @@ class LoopStats:
 
 
 class SearchLoop:
-    """Runs trials until the budget is spent (or Ctrl-C)."""
+    """Runs trials while ``budget`` lets it start one (or until Ctrl-C); by default one process's
+    :class:`LocalBudget`. ``ran``: the trials it started; ``taken_over``: those another worker failed under it."""
 
     def __init__(self, study: optuna.Study, sampler_for: Any, pruner: optuna.pruners.BasePruner,
                  genome: Any, engine: Any, scorer: Any, *, n_trials: int, limit: float | None,
-                 first_limit: float | None, prune: bool, seed: int, fresh_seeds: bool, progress: bool = True) -> None:
+                 first_limit: float | None, prune: bool, seed: int, fresh_seeds: bool, progress: bool = True,
+                 budget: Budget | None = None) -> None:
         from evomerge.search.mirror import Mirror
 
         self.study, self.genome, self.engine, self.scorer = study, genome, engine, scorer
         self.mirror = Mirror(study, sampler_for, pruner)
+        self.budget = budget if budget is not None else LocalBudget(study, n_trials)
         self.n_trials, self.limit, self.first_limit, self.prune = n_trials, limit, first_limit, prune
         self.seed, self.fresh_seeds, self.progress = seed, fresh_seeds, progress
         self.dists = genome.distributions()
         self.stats = LoopStats()
-
-    def _best(self) -> float | None:
-        return self.mirror.best_value()
+        self.ran: list[int] = []
+        self.taken_over: list[int] = []
 
     def run(self) -> LoopStats:
-        done = count_finished(self.study)
-        bar = tqdm(total=self.n_trials, initial=min(done, self.n_trials), desc="search", unit="trial",
-                   disable=not self.progress, dynamic_ncols=True)
-        failures = FailureStreak()
+        budget = self.budget
+        bar = tqdm(total=self.n_trials, initial=min(budget.finished(), self.n_trials), desc=budget.label,
+                   unit="trial", disable=not self.progress, dynamic_ncols=True)
+        failures = FailureStreak(budget.where)
         try:
-            while done < self.n_trials:
-                if self.mirror.shared:
-                    optuna.storages.fail_stale_trials(self.study)
-                state, reason = self._one_trial()
-                done += 1
-                bar.update(1)
+            while True:
+                start = time.perf_counter()
+                try:
+                    trial = budget.take(self.mirror, self.dists)
+                except BudgetMet:
+                    break
+                except NoSlot:
+                    self._show(bar)
+                    time.sleep(budget.poll_s)
+                    continue
+                self.ran.append(trial.number)
+                try:
+                    state, reason = self._one_trial(trial, start)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # another worker failed this trial as stale (this worker's heartbeat was late); its retry runs it
+                    self.taken_over.append(trial.number)
+                    tqdm.write(f"trial {trial.number} was failed by another worker (missed heartbeats); "
+                               f"its retry will run it.")
+                    continue
+                budget.ended(state)
+                self._show(bar)
                 failures.record(state, reason)
                 self._postfix(bar)
         except KeyboardInterrupt:
@@ -213,8 +305,11 @@ class SearchLoop:
             bar.close()
         return self.stats
 
+    def _show(self, bar: tqdm) -> None:
+        bar.update(min(self.budget.finished(), self.n_trials) - bar.n)
+
     def _postfix(self, bar: tqdm) -> None:
-        best = self._best()
+        best = self.mirror.best_value()
         n = len(self.stats.total_s)
         if n:
             tail = slice(max(0, n - 5), n)
@@ -223,9 +318,7 @@ class SearchLoop:
             bar.set_postfix_str(f"best={best:.4f} merge={m:.2f}s eval={e:.2f}s" if best is not None
                                 else f"merge={m:.2f}s eval={e:.2f}s", refresh=True)
 
-    def _one_trial(self) -> tuple[TrialState, str | None]:
-        start = time.perf_counter()
-        trial = self.mirror.ask(self.dists)
+    def _one_trial(self, trial: MirroredTrial, start: float) -> tuple[TrialState, str | None]:
         seed = int(trial.user_attrs.get("seed", self.seed + trial.number if self.fresh_seeds else self.seed))
         baseline = trial.user_attrs.get("baseline")
         merge_s = eval_s = 0.0
