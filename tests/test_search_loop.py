@@ -32,6 +32,24 @@ def test_budget_counts_retries_once():
     assert driver.count_finished(study) == 2
 
 
+
+def test_a_baseline_that_died_before_it_had_its_parameters_is_retried_with_them():
+    """A process can die after claiming an enqueued trial (WAITING -> RUNNING) and before the mirror copied its
+    parameters to it: the retry must run the baseline's own parameters, not the few (or none) the dead trial had."""
+    from evomerge.search.optuna_io import storage_of, trial_id
+
+    study = optuna.create_study(direction="maximize")
+    driver.enqueue_baselines(study, {"a": {"x": 0.25, "y": 0.75}})
+    (waiting,) = study.get_trials(states=(TrialState.WAITING,))
+    assert storage_of(study).set_trial_state_values(trial_id(waiting), TrialState.RUNNING)  # claimed, then died
+    assert study.get_trials()[0].params == {}
+    assert driver.take_over_dead_trials(study) == 1
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.user_attrs == {"baseline": "a", "retry_of": 0}
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1), "y": optuna.distributions.FloatDistribution(0, 1)}
+    assert study.ask(dist).params == {"x": 0.25, "y": 0.75}
+
+
 # ---- the search loop with stand-ins for the engine and the evaluator (fast, no lm-eval) -------
 class _Timing:
     seconds = 0.001
