@@ -161,21 +161,22 @@ def test_file_mutex_excludes_processes_and_outlives_a_killed_holder(tmp_path):
 
 def test_final_claim_is_taken_over_only_from_a_dead_exporter(tmp_path):
     from evomerge.search.cluster import export_claim
+    from evomerge.search.record import claim_of
     from evomerge.locks import FileMutex
 
     study = optuna.create_study(study_name="s", storage=_journal(tmp_path / "j"))
     mutex = FileMutex(tmp_path / "j.mutex")
     won, rec = export_claim.claim(study, mutex, "A", tmp_path, watch_s=None)
-    assert won and rec["worker"] == "A"
-    assert export_claim.claim(study, mutex, "B", tmp_path, watch_s=None) == (False, export_claim._get(study))  # noqa: SLF001
+    assert won and rec.worker == "A"
+    assert export_claim.claim(study, mutex, "B", tmp_path, watch_s=None) == (False, claim_of(study))
     with export_claim.beating(study, rec, 0.2):  # A alive: B watches the beat move and backs off
         won_b, now = export_claim.claim(study, mutex, "B", tmp_path, watch_s=1.0, poll_s=0.3)
-    assert not won_b and now["worker"] == "A"
-    assert export_claim._get(study)["done"]  # noqa: SLF001
+    assert not won_b and now.worker == "A"
+    assert claim_of(study).done
     study2 = optuna.create_study(study_name="s2", storage=study._storage)  # noqa: SLF001
     export_claim.claim(study2, mutex, "A", tmp_path, watch_s=None)  # A claims, then dies: its beat freezes
     won_c, rec_c = export_claim.claim(study2, mutex, "C", tmp_path, watch_s=0.8, poll_s=0.2)
-    assert won_c and rec_c["took_over_from"] == "A"
+    assert won_c and rec_c.took_over_from == "A"
 
 
 def test_passwords_never_shown(pg):

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from evomerge.engine.prepared import PreparedMerge
 from evomerge.export.report import write_report
-from evomerge.export.run import STUDY_ATTR, genome_from_study, trial_counts, write_trials_csv
+from evomerge.export.run import genome_from_study, trial_counts, write_trials_csv
 from evomerge.search import driver
 from evomerge.search.genome import Genome, layout_of
 from evomerge.search.spec import parse_search
@@ -41,7 +41,7 @@ def run_dir(tmp_path_factory):
     study = optuna.create_study(study_name="ties_t-fam", storage=f"sqlite:///{rd / 'study.db'}", direction="maximize",
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     lay = genome.layout
-    study.set_user_attr(STUDY_ATTR, {"search": SEARCH, "sources": sources, "base": str(base), "seed": 0, "limit": 20,
+    study.set_user_attr("evomerge", {"search": SEARCH, "sources": sources, "base": str(base), "seed": 0, "limit": 20,
                                      "layout": {"n_layers": lay.n_layers, "pre": list(lay.pre), "post": list(lay.post),
                                                 "layer_names": list(lay.layer_names)}})
     driver.enqueue_baselines(study, genome.baselines())

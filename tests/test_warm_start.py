@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from evomerge.errors import ConfigError
-from evomerge.search.winner import fitness_of
+from evomerge.search.record import manifest_of, ranking_fitness, search_fitness
 from evomerge.search.warm import parse_warm, warm_points
 
 APP = [sys.executable, "-m", "evomerge.run.app"]
@@ -44,7 +44,7 @@ def first(tiny_zoo, tmp_path_factory):
 
 
 def _genome(run_dir: Path, **search_changes):
-    from evomerge.export.run import STUDY_ATTR, genome_from_study
+    from evomerge.export.run import genome_from_study
     from evomerge.search.genome import Genome
     from evomerge.search.spec import parse_search
 
@@ -52,16 +52,16 @@ def _genome(run_dir: Path, **search_changes):
     genome = genome_from_study(study)
     if not search_changes:
         return genome
-    info = study.user_attrs[STUDY_ATTR]
-    return Genome(parse_search({**info["search"], **search_changes}), info["sources"], info["base"], genome.layout,
-                  seed=info["seed"])
+    info = manifest_of(study)
+    return Genome(parse_search({**info.search, **search_changes}), info.sources, info.base, genome.layout,
+                  seed=info.seed)
 
 
 @pytest.mark.slow
 def test_a_second_search_enqueues_the_first_ones_best_trials_and_scores_them_alike(first, tmp_path):
     earlier = _study(first)
     searched = [t for t in earlier.get_trials(states=(TrialState.COMPLETE,)) if not t.user_attrs.get("baseline")]
-    best2 = sorted(searched, key=fitness_of, reverse=True)[:2]
+    best2 = sorted(searched, key=ranking_fitness, reverse=True)[:2]
     second = tmp_path / "second"
     # 3 baselines + 2 warm trials = the whole budget: every trial of the second search is enqueued
     proc = _app(second, "search.n_trials=5", f"warm_start={{study: {first}, top: 2}}",
@@ -72,7 +72,7 @@ def test_a_second_search_enqueues_the_first_ones_best_trials_and_scores_them_ali
     for t in best2:
         warm = trials[f"warm:trial_{t.number}"]
         assert warm.params == t.params
-        assert fitness_of(warm) == fitness_of(t)  # same recipe, same items: the same score
+        assert search_fitness(warm) == search_fitness(t)  # same recipe, same items: the same score
     summary = json.loads((second / "summary.json").read_text())
     assert {f"warm:trial_{t.number}" for t in best2} <= set(summary["baselines"])  # re-scored like any baseline
     assert summary["trials"]["finished"] == 5

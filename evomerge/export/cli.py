@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         from optuna.trial import TrialState
 
         from evomerge.export.run import export_trial, genome_from_study
+        from evomerge.search import record
+        from evomerge.search.winner import candidate
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             raise EvomergeError(f"pick a study with --study: the storage holds {', '.join(names) or 'none'}.")
         study = optuna.load_study(study_name=name, storage=url)
         genome = genome_from_study(study)
-        number = args.trial if args.trial is not None else study.user_attrs.get("winner")
+        number = args.trial if args.trial is not None else record.winner_of(study)
         if number is None:
             raise EvomergeError(f"study {name!r} has no winner yet; name a trial with --trial N.")
         trials = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -78,18 +80,14 @@ def main(argv: list[str] | None = None) -> None:
         trial = trials[number]
         if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
             raise EvomergeError(f"trial {number} is {trial.state.name}; export a COMPLETE (or PRUNED) trial.")
-        rec = study.user_attrs.get(f"final:{number}", {})
-        label = trial.user_attrs.get("baseline") or f"trial {number}"
-        scores = {"label": label, "search_fitness": trial.user_attrs.get("fitness", trial.user_attrs.get("first_fitness")),
-                  "search_full_fitness": rec.get("search_full"), "select_fitness": rec.get("select"),
-                  "test_fitness": rec.get("test"),
-                  "test_metrics": rec.get("test_metrics", {})}
-        info = study.user_attrs.get("evomerge", {})
+        chosen = candidate(trial, genome.seed).take(record.final_scores(study).get(number))
+        info = record.manifest_of(study)
         out = Path(args.out) if args.out else run_dir / "trials" / f"trial_{number}"
-        export_trial(genome, trial, out, scores=scores, title=f"evomerge {info.get('search', {}).get('name', name)}: {label}",
-                     search_limit=info.get("limit"), model=not args.recipe_only, device=args.device)
+        export_trial(genome, trial, out, scores=chosen.as_dict(),
+                     title=f"evomerge {info.search.get('name', name)}: {chosen.label}",
+                     search_limit=info.limit, model=not args.recipe_only, device=args.device)
         print(f"wrote {out / 'recipe.yaml'}" + ("" if args.recipe_only else f" and {out / 'model'}"))
-        if rec.get("test") is None:
+        if chosen.test is None:
             print("note: this trial was not scored on the held-out test split; its card states the search score only.")
 
 

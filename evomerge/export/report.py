@@ -18,20 +18,14 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-
-def _fitness(t: optuna.trial.FrozenTrial) -> float | None:
-    if "fitness" in t.user_attrs:
-        return float(t.user_attrs["fitness"])
-    if t.state == TrialState.PRUNED and 0 in t.intermediate_values:
-        return float(t.intermediate_values[0])
-    return None
+from evomerge.search.record import baseline_of, search_fitness as _fitness  # noqa: E402
 
 
 def plot_history(study: optuna.Study, path: Path) -> Path:
     """Fitness per trial (pruned: their first look), best so far, baselines as labelled lines."""
     trials = study.get_trials(deepcopy=False)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    done = [(t.number, _fitness(t)) for t in trials if t.state == TrialState.COMPLETE and not t.user_attrs.get("baseline")]
+    done = [(t.number, _fitness(t)) for t in trials if t.state == TrialState.COMPLETE and not baseline_of(t)]
     pruned = [(t.number, _fitness(t)) for t in trials if t.state == TrialState.PRUNED and _fitness(t) is not None]
     if done:
         ax.scatter(*zip(*done), s=18, label="candidate", color="tab:blue")
@@ -39,8 +33,7 @@ def plot_history(study: optuna.Study, path: Path) -> Path:
         ax.scatter(*zip(*pruned), s=18, marker="x", label="pruned (first look, on the whole look's scale)", color="tab:gray")
     failed = [t.number for t in trials if t.state == TrialState.FAIL]
     colors = plt.cm.tab10.colors  # type: ignore[attr-defined]
-    base = [(t.user_attrs["baseline"], t.number, _fitness(t)) for t in trials
-            if t.state == TrialState.COMPLETE and t.user_attrs.get("baseline")]
+    base = [(baseline_of(t), t.number, _fitness(t)) for t in trials if t.state == TrialState.COMPLETE and baseline_of(t)]
     for i, (name, num, fit) in enumerate(base):
         c = colors[(i + 2) % len(colors)]
         ax.axhline(fit, color=c, linestyle="--", linewidth=1)
@@ -126,7 +119,7 @@ def plot_layer_sequence(seq: list[dict[str, Any]], path: Path) -> Path:
 def plot_importances(study: optuna.Study, path: Path, top: int = 20) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        target = None if len(study.directions) == 1 else (lambda t: float(t.user_attrs.get("fitness", t.values[0])))
+        target = None if len(study.directions) == 1 else (lambda t: _nan(_fitness(t)))
         imp = optuna.importance.get_param_importances(study, target=target)
     items = list(imp.items())[:top][::-1]
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(items) + 1.5))
@@ -152,8 +145,8 @@ def plot_pareto(study: optuna.Study, names: list[str], path: Path) -> Path:
     for t in fr:
         ax.annotate(str(t.number), (t.values[i], t.values[j]), fontsize=7)
     for t in trials:
-        if t.user_attrs.get("baseline"):
-            ax.scatter([t.values[i]], [t.values[j]], marker="D", s=30, label=f"baseline {t.user_attrs['baseline']}")
+        if baseline_of(t):
+            ax.scatter([t.values[i]], [t.values[j]], marker="D", s=30, label=f"baseline {baseline_of(t)}")
     ax.set_xlabel(names[i])
     ax.set_ylabel(names[j])
     ax.set_title("Pareto front (first two objectives)")
@@ -233,3 +226,7 @@ def write_report(run_dir: Path, study: optuna.Study, summary: dict[str, Any], wi
 
 def _f(v: Any) -> str:
     return "" if v is None else f"{float(v):.4f}"
+
+
+def _nan(v: float | None) -> float:
+    return float("nan") if v is None else v

@@ -17,8 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import EvomergeError
 from evomerge.engine.card import model_card
-
-STUDY_ATTR = "evomerge"  # study user attribute holding what rebuilds the genome
+from evomerge.search import record
 
 
 def genome_from_study(study: optuna.Study) -> Any:
@@ -26,20 +25,20 @@ def genome_from_study(study: optuna.Study) -> Any:
     from evomerge.search.genome import Genome, Layout
     from evomerge.search.spec import parse_search
 
-    info = study.user_attrs.get(STUDY_ATTR)
-    if not info:
-        raise EvomergeError(f"study {study.study_name!r} was not written by evomerge (no {STUDY_ATTR!r} attribute).")
-    lay = info["layout"]
+    info = record.manifest_of(study)
+    if info is None:
+        raise EvomergeError(f"study {study.study_name!r} was not written by evomerge (no {record.MANIFEST!r} attribute).")
+    lay = info.layout
     layout = Layout(lay["n_layers"], tuple(lay["pre"]), tuple(lay["post"]), tuple(lay["layer_names"]))
     from evomerge.search.dataflow import DataflowGenome, is_dataflow, parse_dataflow
 
-    if is_dataflow(info["search"]):  # a layer-stacking study (search/dataflow.py)
-        return DataflowGenome(parse_dataflow(info["search"]), info["sources"], layout, seed=info["seed"])
-    return Genome(parse_search(info["search"]), info["sources"], info["base"], layout, seed=info["seed"])
+    if is_dataflow(info.search):  # a layer-stacking study (search/dataflow.py)
+        return DataflowGenome(parse_dataflow(info.search), info.sources, layout, seed=info.seed)
+    return Genome(parse_search(info.search), info.sources, info.base, layout, seed=info.seed)
 
 
 def trial_recipe(genome: Any, trial: FrozenTrial) -> Recipe:
-    return genome.recipe(trial.params, seed=int(trial.user_attrs.get("seed", genome.seed)))
+    return genome.recipe(trial.params, seed=record.seed_of(trial, genome.seed))
 
 
 def scores_markdown(label: str, rec: dict[str, Any], search_limit: Any) -> str:
@@ -100,10 +99,10 @@ def write_trials_csv(study: optuna.Study, path: Path) -> Path:
     trials = study.get_trials(deepcopy=False)
     retried = retry_of(trials)
     params = sorted({p for t in trials for p in t.params})
-    metric_cols = sorted({f"{task}/{m}" for t in trials for task, ms in (t.user_attrs.get("metrics") or {}).items()
-                          for m in ms if "stderr" not in m})
+    rows = [record.TrialRecord.of(t) for t in trials]
+    metric_cols = sorted({f"{task}/{m}" for r in rows for task, ms in r.metrics.items() for m in ms if "stderr" not in m})
     n_values = max((len(t.values or []) for t in trials), default=0)
-    final = {k.split(":", 1)[1]: v for k, v in study.user_attrs.items() if k.startswith("final:")}
+    final = record.final_scores(study)
     head = ["number", "state", "baseline", "fitness", *[f"value_{i}" for i in range(n_values) if n_values > 1],
             "first_fitness", "search_full_fitness", "select_fitness", "test_fitness", "merge_s", "eval_s", "seed",
             "retry_of",
@@ -112,20 +111,14 @@ def write_trials_csv(study: optuna.Study, path: Path) -> Path:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(head)
-        for t in trials:
-            ua = t.user_attrs
+        for t, r in zip(trials, rows):
             state = t.state.name + (" (retried)" if t.state == TrialState.FAIL and t.number in retried else "")
-            fitness = ua.get("fitness", t.values[0] if t.values and n_values == 1 else
-                             (t.value if t.state == TrialState.PRUNED and n_values <= 1 else ""))
-            rec = final.get(str(t.number), {})
-            metrics = ua.get("metrics") or {}
-            row = [t.number, state, ua.get("baseline", ""), _cell(fitness),
+            rec = final.get(t.number) or record.FinalScores()
+            row = [t.number, state, r.baseline or "", _cell(r.fitness),
                    *[_cell(t.values[i]) if t.values and i < len(t.values) else "" for i in range(n_values) if n_values > 1],
-                   _cell(t.intermediate_values.get(0)), _cell(rec.get("search_full")), _cell(rec.get("select")),
-                   _cell(rec.get("test")),
-                   ua.get("merge_s", ""), ua.get("eval_s", ""), ua.get("seed", ""), ua.get("retry_of", ""),
-                   ua.get("fail_reason", ""),
-                   *[_cell(metrics.get(c.split("/", 1)[0], {}).get(c.split("/", 1)[1])) for c in metric_cols],
+                   _cell(r.first_look), _cell(rec.search_full), _cell(rec.select), _cell(rec.test),
+                   *[_raw(v) for v in (r.merge_s, r.eval_s, r.seed, r.retry_of, r.fail_reason)],
+                   *[_cell(r.metrics.get(c.split("/", 1)[0], {}).get(c.split("/", 1)[1])) for c in metric_cols],
                    *[_cell(t.params.get(p)) for p in params]]
             w.writerow(row)
     return path
@@ -153,6 +146,10 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def _raw(v: Any) -> Any:
+    return "" if v is None else v
 
 
 def _cell(v: Any) -> Any:

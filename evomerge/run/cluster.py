@@ -33,10 +33,11 @@ from evomerge.run.session import is_cluster  # noqa: F401  (the app asks here)
 from evomerge.search import driver
 from evomerge.search.backends import postgres_url
 from evomerge.search.cluster import export_claim
-from evomerge.search.cluster.budget import WORKER_ATTR, Gate, tally
+from evomerge.search.cluster.budget import Gate, tally
 from evomerge.search.cluster.manifest import write_manifest
 from evomerge.search.cluster.storage import study_mutex
 from evomerge.search.config import RunConfig
+from evomerge.search.record import ExportClaim, worker_of
 from evomerge.search.storage import heartbeat_enabled, make_storage, session_lock, storage_url
 
 SHARED_KINDS = ("postgres", "journal", "sqlite")
@@ -123,7 +124,7 @@ class Shared:
         self.poll_s = config.cluster.poll_s
         self.storage: optuna.storages.BaseStorage | None = None
         self.mutex: Any = None
-        self.claim: dict[str, Any] | None = None
+        self.claim: ExportClaim | None = None
 
     def session_lock(self, study_name: str) -> AbstractContextManager[object]:
         """Shared with the other workers: a single-process search on the same study file is refused, and refuses them."""
@@ -204,7 +205,7 @@ class Shared:
                                   "trials_run": outcome.ran, "trials_taken_over": outcome.taken_over,
                                   "interrupted": outcome.interrupted, "exported": outcome.exported, "timings": timings}
         if self.claim is not None:
-            record["final"] = self.claim
+            record["final"] = self.claim.as_dict()
         self.job_dir.mkdir(parents=True, exist_ok=True)
         name = f"worker-{self.index if self.index is not None else 0}.json"
         (self.job_dir / name).write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -215,7 +216,7 @@ def _workers(study: optuna.Study) -> dict[str, int]:
     """Trials per worker (from each trial's ``worker`` attribute)."""
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
-        w = t.user_attrs.get(WORKER_ATTR)
+        w = worker_of(t)
         if w is not None:
             counts[w] = counts.get(w, 0) + 1
     return counts

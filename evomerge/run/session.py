@@ -19,8 +19,8 @@ from typing import Any
 import optuna
 
 from evomerge.errors import ConfigError
-from evomerge.export.run import STUDY_ATTR, export_trial, trial_counts, write_json, write_trials_csv
-from evomerge.search import driver
+from evomerge.export.run import export_trial, trial_counts, write_json, write_trials_csv
+from evomerge.search import driver, record
 from evomerge.search.winner import FinalResult, rescore
 from evomerge.search.fitness import Scorer, TaskSpec, objective_names
 from evomerge.search.config import RunConfig, parse_config
@@ -96,15 +96,15 @@ class SearchSession:
                          fewshot_as_multiturn=self.tasks.fewshot_as_multiturn,
                          backend=self.config.evaluator)
 
-    def _study_meta(self) -> dict[str, Any]:
+    def _study_meta(self) -> record.StudyManifest:
         lay = self.genome.layout
-        return {
-            "fingerprint": self.genome.fingerprint() + "/" + _fitness_key(self.tasks, self.objectives, self.spec.limit),
-            "search": self.search_cfg, "sources": self.sources, "base": self.models.base, "seed": self.genome.seed,
-            "layout": {"n_layers": lay.n_layers, "pre": list(lay.pre), "post": list(lay.post),
-                       "layer_names": list(lay.layer_names)},
-            "tasks": self.tasks.tasks, "objectives": self.objectives, "limit": self.spec.limit,
-        }
+        return record.StudyManifest(
+            fingerprint=self.genome.fingerprint() + "/" + _fitness_key(self.tasks, self.objectives, self.spec.limit),
+            search=self.search_cfg, sources=self.sources, base=self.models.base, seed=self.genome.seed,
+            layout={"n_layers": lay.n_layers, "pre": list(lay.pre), "post": list(lay.post),
+                    "layer_names": list(lay.layer_names)},
+            tasks=self.tasks.tasks, objectives=self.objectives, limit=self.spec.limit,
+        )
 
     def _open_study(self) -> optuna.Study:
         """The study in ``self.storage``, created or resumed, refused when its search space or fitness changed."""
@@ -121,10 +121,10 @@ class SearchSession:
         study = optuna.create_study(study_name=name, storage=storage, directions=["maximize"] * len(self.objectives),
                                     load_if_exists=True)
         meta = self._study_meta()
-        old = study.user_attrs.get(STUDY_ATTR)
+        old = record.manifest_of(study)
         if old is None:
-            study.set_user_attr(STUDY_ATTR, meta)
-        elif old.get("fingerprint") != meta["fingerprint"]:
+            record.set_manifest(study, meta)
+        elif old.fingerprint != meta.fingerprint:
             raise ConfigError(
                 f"study {name!r} in {self.run_dir} was started with a different search space or fitness (method, genes, "
                 f"bounds, layer groups, models, tasks or limit changed), so its trials cannot be mixed with this one's. "
@@ -133,7 +133,7 @@ class SearchSession:
         if len(study.directions) != len(self.objectives):
             raise ConfigError(f"study {name!r} has {len(study.directions)} objective(s) and this config {len(self.objectives)}; "
                               f"use another study_name for a different sampler/objectives.")
-        study.set_user_attr("objectives", self.objectives)
+        record.set_objectives(study, self.objectives)
         write_json(self.run_dir / "splits.json", self.scorer.evaluator.splits.record())  # which items each split used
         return study
 

@@ -24,12 +24,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.errors import ConfigError
 from evomerge.locks import FileMutex
+from evomerge.search import record
 from evomerge.search.optuna_io import BaseHeartbeat, trial_id
 
 NO_LOCKS = "put the study in PostgreSQL instead (storage=postgres)"
 
 ENV_URL = "EVOMERGE_STORAGE_URL"
-HEARTBEAT_ATTR = "evomerge:heartbeat"
 
 StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 
@@ -169,7 +169,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
-            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+            self.set_trial_system_attr(trial_id, record.HEARTBEAT, time.time())
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # the trial finished between two beats
 
@@ -177,7 +177,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         now = time.monotonic()
         stale = []
         for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            beat = t.system_attrs.get(HEARTBEAT_ATTR)
+            beat = record.heartbeat_of(t)
             if beat is None:
                 continue  # not started yet by its worker (see cluster.Gate for trials that never beat)
             seen = self._seen.get(trial_id(t))

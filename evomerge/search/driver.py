@@ -33,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from evomerge.errors import EvomergeError
+from evomerge.search import record
 from evomerge.search.optuna_io import storage_of, trial_id
 from evomerge.search.storage import heartbeat_enabled
 
@@ -79,7 +80,7 @@ def lazy(make: Callable[[], T], on_built: Callable[[float], None]) -> Callable[[
 
 def retry_of(trials: list[FrozenTrial]) -> set[int]:
     """Numbers of trials that have a retry (enqueued or run)."""
-    return {int(t.user_attrs["retry_of"]) for t in trials if "retry_of" in t.user_attrs}
+    return {n for n in map(record.retry_of, trials) if n is not None}
 
 
 def is_finished(t: FrozenTrial, retried: set[int]) -> bool:
@@ -118,10 +119,9 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     trials = study.get_trials(deepcopy=False)
     if trial.number in retry_of(trials):
         return
-    fixed = trial.system_attrs.get("fixed_params")  # an enqueued trial's own parameters
-    attrs = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "seed")}
-    attrs["retry_of"] = trial.number
-    study.enqueue_trial(dict(trial.params if fixed is None else fixed), user_attrs=attrs, skip_if_exists=False)
+    params = record.enqueued_params(trial)
+    study.enqueue_trial(dict(trial.params if params is None else params), user_attrs=record.retry_attrs(trial),
+                        skip_if_exists=False)
 
 
 def take_over_dead_trials(study: optuna.Study) -> int:
@@ -132,7 +132,7 @@ def take_over_dead_trials(study: optuna.Study) -> int:
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         retry_trial(study, t)
-        optuna.trial.Trial(study, trial_id(t)).set_user_attr("fail_reason", "the process died while this trial ran")
+        optuna.trial.Trial(study, trial_id(t)).set_user_attr(record.FAIL_REASON, "the process died while this trial ran")
         study.tell(t.number, state=TrialState.FAIL)
         n += 1
     return n
@@ -145,13 +145,12 @@ def enqueue_baselines(study: optuna.Study, baselines: dict[str, dict[str, Any]],
     ``seeds``: a baseline's own mask seed (a warm start's earlier trial, see warm.py), so its recipe is the
     one that was scored before.
     """
-    have = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)}
+    have = {record.baseline_of(t) for t in study.get_trials(deepcopy=False)}
     n = 0
     for name, params in baselines.items():
         if name not in have:
             seed = (seeds or {}).get(name)
-            attrs = {"baseline": name, **({"seed": int(seed)} if seed is not None else {})}
-            study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
+            study.enqueue_trial(params, user_attrs=record.enqueue_attrs(baseline=name, seed=seed), skip_if_exists=False)
             n += 1
     return n
 
@@ -319,13 +318,13 @@ class SearchLoop:
                                 else f"merge={m:.2f}s eval={e:.2f}s", refresh=True)
 
     def _one_trial(self, trial: MirroredTrial, start: float) -> tuple[TrialState, str | None]:
-        seed = int(trial.user_attrs.get("seed", self.seed + trial.number if self.fresh_seeds else self.seed))
-        baseline = trial.user_attrs.get("baseline")
+        seed = record.seed_of(trial, self.seed + trial.number if self.fresh_seeds else self.seed)
+        baseline = record.baseline_of(trial)
         merge_s = eval_s = 0.0
         try:
             with _Heartbeat(self.study, trial.disk_id):
                 if self.fresh_seeds:
-                    trial.set_user_attr("seed", seed)
+                    trial.set_user_attr(record.SEED, seed)
                 recipe = self.genome.recipe(trial.params, seed=seed)
                 merge_s = self.engine.apply(recipe).seconds
                 score = None
@@ -357,13 +356,13 @@ class SearchLoop:
                 self._time(start, merge_s, eval_s)
                 return TrialState.COMPLETE, None
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); retried on resume")
+            trial.set_user_attr(record.FAIL_REASON, "interrupted (Ctrl-C); retried on resume")
             retry_trial(self.study, trial.frozen())
             trial.finish(TrialState.FAIL)
             raise
         except Exception as exc:  # noqa: BLE001 - any candidate failure is recorded, the search goes on
             reason = _reason(exc)
-            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr(record.FAIL_REASON, reason)
             self._record(trial, merge_s, eval_s, None)
             trial.finish(TrialState.FAIL)
             _free_accelerator_memory()
@@ -388,12 +387,7 @@ class SearchLoop:
         return sum(diffs) / len(diffs) if diffs else 0.0
 
     def _record(self, trial: Any, merge_s: float, eval_s: float, metrics: dict | None, **scores: float) -> None:
-        for key, value in scores.items():
-            trial.set_user_attr(key, value)
-        trial.set_user_attr("merge_s", round(merge_s, 4))
-        trial.set_user_attr("eval_s", round(eval_s, 4))
-        if metrics is not None:
-            trial.set_user_attr("metrics", metrics)
+        record.write_look(trial, merge_s, eval_s, metrics, **scores)
 
     def _time(self, start: float, merge_s: float, eval_s: float) -> None:
         self.stats.merge_s.append(merge_s)

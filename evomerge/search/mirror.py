@@ -25,6 +25,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.search import record
 from evomerge.search.optuna_io import storage_of, study_id, trial_id
 from evomerge.search.storage import heartbeat_enabled
 
@@ -116,7 +117,7 @@ class Mirror:
             self.sync()
         claimed = self._claim_waiting()
         if claimed is not None:
-            fixed = claimed.system_attrs.get("fixed_params", {})
+            fixed = record.enqueued_params(claimed) or {}
             self.mem.enqueue_trial(fixed, user_attrs=claimed.user_attrs, skip_if_exists=False)
             mt = self.mem.ask(dists)
             ft = storage_of(self.mem).get_trial(trial_id(mt))
@@ -124,7 +125,7 @@ class Mirror:
                 dist = ft.distributions[name]
                 self.storage.set_trial_param(trial_id(claimed), name, dist.to_internal_repr(value), dist)
             for key, value in ft.system_attrs.items():
-                if key != "fixed_params":
+                if key != record.FIXED_PARAMS:
                     self.storage.set_trial_system_attr(trial_id(claimed), key, value)
             disk_id, number, attrs = trial_id(claimed), claimed.number, claimed.user_attrs
         else:
@@ -145,7 +146,7 @@ class Mirror:
 
     def _best_baseline(self) -> dict[str, Any] | None:
         done = [t for t in self.mem.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.user_attrs.get("baseline") and t.values]
+                if record.baseline_of(t) and t.values]
         if not done or len(self.mem.directions) != 1:
             return None
         return dict(max(done, key=lambda t: t.values[0]).params)

@@ -119,11 +119,11 @@ def _load_study(source: str, study_name: str | None) -> optuna.Study:
 
 
 def _from_study(cfg: dict[str, Any], genome: Any) -> list[WarmPoint]:
-    from evomerge.search.winner import fitness_of
+    from evomerge.search import record
 
     study = _load_study(cfg["study"], cfg.get("study_name"))
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if not t.user_attrs.get("baseline")]  # this search enqueues its own baselines
+            if not record.baseline_of(t)]  # this search enqueues its own baselines
     if not done:
         raise ConfigError(f"warm_start.study = {cfg['study']!r}: study {study.study_name!r} has no finished searched "
                           f"trial to start from.")
@@ -139,14 +139,13 @@ def _from_study(cfg: dict[str, Any], genome: Any) -> list[WarmPoint]:
             + "). Warm-start from a study of the same search config and models, or from its best/recipe.yaml "
               "(warm_start.recipes) if this genome can express it.")
     out = []
-    for t in sorted(done, key=fitness_of, reverse=True)[: cfg["top"]]:
+    for t in sorted(done, key=record.ranking_fitness, reverse=True)[: cfg["top"]]:
         for name, dist in dists.items():
             if isinstance(dist, CategoricalDistribution) and t.params[name] not in dist.choices:
                 raise ConfigError(f"warm_start.study: trial {t.number} of study {study.study_name!r} has {name} = "
                                   f"{t.params[name]!r}, not among this search's choices {list(dist.choices)}.")
-        seed = t.user_attrs.get("seed")
-        out.append(WarmPoint(f"{PREFIX}trial_{t.number}", {n: t.params[n] for n in dists},
-                             None if seed is None else int(seed)))
+        out.append(WarmPoint(f"{PREFIX}trial_{t.number}", {n: t.params[n] for n in dists if n in t.params},
+                             record.seed_of(t)))
     return out
 
 

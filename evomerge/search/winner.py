@@ -8,9 +8,9 @@ Without one, the top few are re-scored on every search item and the winner is
 picked there, which makes the choice less of a lottery but still on items the
 search optimised. The test split is only ever *reported*, never used to choose.
 
-Results are kept in the study (user attribute ``final:<trial number>``), so a
-rerun after the search ended re-exports without re-scoring, and every worker
-of a shared study sees them.
+Results are kept in the study (:class:`~evomerge.search.record.FinalScores`, one
+per trial), so a rerun after the search ended re-exports without re-scoring, and
+every worker of a shared study sees them.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
+from evomerge.search import record
+from evomerge.search.record import FinalScores
 from evomerge.search.score_cache import ScoreCache
 
 
@@ -59,6 +61,13 @@ class Candidate:
                 "values": self.values, "test_values": self.test_values, "test_metrics": self.test_metrics,
                 "seed": self.seed, "search_se": self.se, "chosen_on": self.chosen_on}
 
+    def take(self, scores: FinalScores | None) -> "Candidate":
+        """Its final scores, as the study records them (None: not re-scored)."""
+        scores = scores or FinalScores()
+        self.search_full, self.select, self.test = scores.search_full, scores.select, scores.test
+        self.test_metrics, self.test_values = scores.test_metrics, scores.test_values
+        return self
+
 
 @dataclass
 class FinalResult:
@@ -69,14 +78,13 @@ class FinalResult:
     seconds: float
 
 
-def fitness_of(t: FrozenTrial) -> float:
-    return float(t.user_attrs.get("fitness", t.values[0] if t.values else float("nan")))
-
-
-def _candidate(t: FrozenTrial, seed: int) -> Candidate:
-    b = t.user_attrs.get("baseline")
+def candidate(t: FrozenTrial, seed: int) -> Candidate:
+    """Trial ``t`` as a candidate (``seed``: the genome's, for a trial that stored none); no final scores yet."""
+    b = record.baseline_of(t)
+    fitness = record.search_fitness(t)
     return Candidate(number=t.number, label=b or f"trial {t.number}", baseline=b, params=dict(t.params),
-                     seed=int(t.user_attrs.get("seed", seed)), search=fitness_of(t), values=list(t.values or []))
+                     seed=record.seed_of(t, seed), search=float("nan") if fitness is None else fitness,
+                     values=list(t.values or []))
 
 
 def select(study: optuna.Study, top_k: int, seed: int = 0) -> tuple[list[Candidate], list[Candidate], list[int]]:
@@ -84,18 +92,18 @@ def select(study: optuna.Study, top_k: int, seed: int = 0) -> tuple[list[Candida
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     baselines: dict[str, Candidate] = {}
     for t in done:
-        b = t.user_attrs.get("baseline")
+        b = record.baseline_of(t)
         if b and b not in baselines:
-            baselines[b] = _candidate(t, seed)
-    searched = [t for t in done if not t.user_attrs.get("baseline")]
+            baselines[b] = candidate(t, seed)
+    searched = [t for t in done if not record.baseline_of(t)]
     front: list[int] = []
     if len(study.directions) > 1:
         front = sorted(t.number for t in study.best_trials)
         pool = [t for t in searched if t.number in front] or searched
-        top = sorted(pool, key=fitness_of, reverse=True)[: max(top_k, 2 * top_k)]
+        top = sorted(pool, key=record.ranking_fitness, reverse=True)[: max(top_k, 2 * top_k)]
     else:
-        top = sorted(searched, key=fitness_of, reverse=True)[:top_k]
-    return [_candidate(t, seed) for t in top], list(baselines.values()), front
+        top = sorted(searched, key=record.ranking_fitness, reverse=True)[:top_k]
+    return [candidate(t, seed) for t in top], list(baselines.values()), front
 
 
 def choose(top: list[Candidate], baselines: list[Candidate], margin_se: float) -> Candidate | None:
@@ -128,7 +136,8 @@ def rescore(study: optuna.Study, genome: Any, get_engine: Any, scorer: Any, *, t
     start = time.perf_counter()
     top, baselines, front = select(study, top_k, genome.seed)
     everyone = top + baselines
-    todo = [c for c in everyone if f"final:{c.number}" not in study.user_attrs]
+    scored = record.final_scores(study)
+    todo = [c for c in everyone if c.number not in scored]
     for c in tqdm(todo, desc="held-out test", unit="model", disable=not progress or not todo):
         recipe = genome.recipe(c.params, seed=c.seed)
         applied = False
@@ -147,30 +156,25 @@ def rescore(study: optuna.Study, genome: Any, get_engine: Any, scorer: Any, *, t
                 cache.put(recipe, split, rec)
             return rec
 
-        record: dict[str, Any] = {}
-        if rescore_search and search_limit is not None:
-            full = full_split("search")
-            record.update(search_full=full["fitness"], search_full_metrics=full["metrics"])
-        if select_split:
-            chosen = full_split("select")
-            record.update(select=chosen["fitness"], select_metrics=chosen["metrics"])
+        full = full_split("search") if rescore_search and search_limit is not None else None
+        chosen = full_split("select") if select_split else None
         test = full_split("test")
-        record.update(test=test["fitness"], test_metrics=test["metrics"], test_values=test["values"])
-        study.set_user_attr(f"final:{c.number}", record)
-    attrs = study.user_attrs
+        record.set_final_scores(study, c.number, FinalScores(
+            test=test["fitness"], test_metrics=test["metrics"], test_values=test["values"],
+            search_full=None if full is None else full["fitness"],
+            search_full_metrics=None if full is None else full["metrics"],
+            select=None if chosen is None else chosen["fitness"],
+            select_metrics=None if chosen is None else chosen["metrics"]))
+    scored = record.final_scores(study)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     for c in everyone:
-        rec = attrs.get(f"final:{c.number}", {})
-        c.search_full = rec.get("search_full")
-        c.select = rec.get("select")
-        c.test = rec.get("test")
-        c.test_metrics = rec.get("test_metrics", {})
-        c.test_values = rec.get("test_values", [])
+        rec = scored.get(c.number) or FinalScores()
+        c.take(rec)
         full = c.search_full is not None
         if c.select is not None:  # the noise of what chooses: the select split's, all of its items
-            metrics, split, limit = rec.get("select_metrics"), "select", None
+            metrics, split, limit = rec.select_metrics, "select", None
         else:
-            metrics = rec.get("search_full_metrics") if full else trials[c.number].user_attrs.get("metrics")
+            metrics = rec.search_full_metrics if full else record.metrics_of(trials[c.number])
             split, limit = "search", None if full else search_limit
         try:
             c.se = scorer.fitness_se(metrics, split, limit) if metrics else None
@@ -178,6 +182,6 @@ def rescore(study: optuna.Study, genome: Any, get_engine: Any, scorer: Any, *, t
             c.se = None
     winner = choose(top, baselines, margin_se)
     if winner is not None:
-        study.set_user_attr("winner", winner.number)
+        record.set_winner(study, winner.number)
     return FinalResult(winner=winner, candidates=top, baselines=baselines, front=front,
                        seconds=time.perf_counter() - start)

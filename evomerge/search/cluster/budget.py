@@ -30,13 +30,11 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.search import driver
+from evomerge.search import driver, record
 from evomerge.search.driver import BudgetMet, NoSlot
 from evomerge.search.mirror import Mirror, MirroredTrial
 from evomerge.search.optuna_io import storage_of, trial_id
 from evomerge.search.storage import heartbeat_enabled
-
-WORKER_ATTR = "worker"  # trial user attribute: the worker that runs (ran) it
 
 
 @dataclass(frozen=True)
@@ -91,21 +89,21 @@ class Gate:
             trial = mirror.ask(dists)
             if self.heartbeats:
                 self.storage.record_heartbeat(trial.disk_id)
-            trial.set_user_attr(WORKER_ATTR, self.worker)  # last: marks the trial as properly started
+            trial.set_user_attr(record.WORKER, self.worker)  # last: marks the trial as properly started
         return trial
 
     def _heal(self, trials: list[FrozenTrial]) -> bool:
         retried = driver.retry_of(trials)
         healed = False
         for t in trials:
-            if t.state == TrialState.RUNNING and WORKER_ATTR not in t.user_attrs:
+            if t.state == TrialState.RUNNING and record.worker_of(t) is None:
                 # its worker died between taking the trial and marking it started
                 driver.retry_trial(self.study, t)
-                self.storage.set_trial_user_attr(trial_id(t), "fail_reason",
+                self.storage.set_trial_user_attr(trial_id(t), record.FAIL_REASON,
                                                  "its worker died as the trial started; retried")
                 self.storage.set_trial_state_values(trial_id(t), TrialState.FAIL)
                 healed = True
-            elif t.state == TrialState.FAIL and t.number not in retried and "fail_reason" not in t.user_attrs:
+            elif t.state == TrialState.FAIL and t.number not in retried and record.fail_reason_of(t) is None:
                 # failed as stale by a worker that died before it could enqueue the retry
                 driver.retry_trial(self.study, t)
                 healed = True
