@@ -23,17 +23,35 @@ APP = [sys.executable, "-m", "evomerge.run.app"]
 SMALL = ["+search=ties_math", "search.n_trials=9", "search.limit=60", "progress=false", "final.top_k=2"]
 
 
-def _app(run_dir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+# Put on PYTHONPATH, the app process cannot merge a model from the models on disk (engine/oneshot.py).
+NO_DISK_MERGE = """import evomerge.engine.oneshot as _oneshot
+
+
+def _merged_from_disk(*args, **kwargs):
+    raise RuntimeError("test guard: a model was merged again from the models on disk")
+
+
+_oneshot.merged_tensors = _merged_from_disk
+"""
+
+
+def _app(run_dir: Path, *args: str, timeout: int = 600, guard: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    if guard is not None:  # a folder with a sitecustomize.py, which Python runs at start-up
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(guard), env.get("PYTHONPATH")) if p)
     return subprocess.run([*APP, *args, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=timeout,
                           env=env)
 
 
 @pytest.fixture(scope="module")
 def e2e(tiny_zoo, tmp_path_factory):
+    """The search, which writes its winner from the engine that scored it: a merge from disk would fail it."""
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
+    guard = run_dir.parent / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(NO_DISK_MERGE)
     start = time.perf_counter()
-    proc = _app(run_dir, *SMALL, f"final.score_cache={run_dir.parent / 'scores'}")
+    proc = _app(run_dir, *SMALL, f"final.score_cache={run_dir.parent / 'scores'}", guard=guard)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc, time.perf_counter() - start
 
@@ -79,6 +97,22 @@ def test_exported_winner_rescores_to_the_recorded_score(e2e, tiny_zoo):
     res = ev.evaluate(model, split="test")
     fitness = sum(res[t]["acc"] for t in tasks) / len(tasks)
     assert fitness == pytest.approx(summary["best"]["test_fitness"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_the_winner_written_from_the_engine_is_what_evomerge_export_merges_from_disk(e2e, tmp_path):
+    """The e2e search ran with the merge from disk disabled; its best/model is, file for file, what
+    evomerge-export writes for the winner by merging the models on disk (weights, card, config, tokenizer)."""
+    run_dir, _, _ = e2e
+    proc = subprocess.run([sys.executable, "-m", "evomerge.export.cli", str(run_dir), "--out", str(tmp_path / "w"),
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def files(d: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    assert files(run_dir / "best" / "model") == files(tmp_path / "w" / "model")
+    assert (run_dir / "best" / "recipe.yaml").read_text() == (tmp_path / "w" / "recipe.yaml").read_text()
 
 
 @pytest.mark.slow

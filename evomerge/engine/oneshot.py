@@ -10,7 +10,7 @@ import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -22,6 +22,7 @@ from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
 from evomerge.engine.card import model_card
 from evomerge.engine.tokenizer_out import load_tokenizer, save_output_tokenizer
+from evomerge.errors import MergeError
 
 
 def output_dtype(plan: MergePlan, override: str | None) -> torch.dtype:
@@ -92,6 +93,7 @@ def merge_to_dir(
     fused: bool | str = False,
     force: bool = False,
     card: str | None = None,
+    live: Any = None,
 ) -> Path:
     """Merge ``recipe`` into a model directory at ``out_dir``.
 
@@ -99,6 +101,9 @@ def merge_to_dir(
     of a search (the prepared engine), not in one merge, where compiling or loading it costs more
     than the passes it saves. ``out_dir`` is checked before any work (it may not be an input, and holds
     nothing evomerge did not write unless ``force``); ``card`` replaces the default model card.
+    ``live``: a prepared engine (engine/prepared.py) that can merge ``recipe``: its merged tensors are
+    written where they are the ones this merge would write (:func:`live_tensors`), instead of reading
+    every model from disk again; the rest of the directory (config, tokenizer, card) is the same.
     """
     plan = MergePlan(recipe, trust_remote_code=trust_remote_code)
     check_destination(out_dir, inputs=_inputs(plan), force=force)
@@ -112,9 +117,10 @@ def merge_to_dir(
     with tempfile.TemporaryDirectory(prefix="evomerge-tokenizer-") as rebuilt:
         tok_dir = _tokenizer_files(plan, Path(rebuilt), trust_remote_code)
         side_files(tok_dir, TOKENIZER_FILES)  # a symlink out of the folder is refused before the merge
+        tensors = live_tensors(live, plan, dtype) if live is not None else None
         return write_model_dir(
             out_dir,
-            merged_tensors(plan, dev, dtype, progress, use_fused),
+            merged_tensors(plan, dev, dtype, progress, use_fused) if tensors is None else tensors,
             config=config,
             tokenizer_source=tok_dir,
             recipe_yaml=recipe.to_yaml(),
@@ -122,6 +128,30 @@ def merge_to_dir(
             max_shard_bytes=parse_size(shard_size),
             force=force,
         )
+
+
+def live_tensors(engine: Any, plan: MergePlan, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]] | None:
+    """A prepared engine's merged tensors of ``plan.recipe`` in plan order, or None where they would not be
+    the tensors :func:`merged_tensors` writes.
+
+    They are (up to what the engine guarantees against the one-shot merge, see engine/prepared.py) when
+    its live model holds ``dtype``: the engine rounds a result to the job's compute dtype and stores it
+    in the live model's, as the one-shot merge rounds it and stores it as the output's; and when every
+    tensor of the plan has a live parameter of its own (one a live model ties to another, as ``lm_head``
+    to the embeddings, holds only one of the two). Then the recipe is applied once more: one candidate's
+    merge, on tensors already resident. A recipe the engine cannot apply (another structure) gives None.
+    """
+    if getattr(engine, "model_dtype", None) != dtype or not hasattr(engine, "state_dict"):
+        return None
+    state = engine.state_dict()
+    names = [job.out_name for job in plan.jobs]
+    if any(n not in state for n in names) or len({state[n].data_ptr() for n in names}) < len(names):
+        return None
+    try:
+        engine.apply(plan.recipe)
+    except MergeError:  # not a recipe of this engine; the merge from disk says what is wrong, if anything
+        return None
+    return ((n, state[n].detach().to("cpu").contiguous()) for n in names)
 
 
 def _tokenizer_files(plan: MergePlan, scratch: Path, trust_remote_code: bool) -> Path:

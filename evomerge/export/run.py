@@ -69,6 +69,7 @@ def scores_markdown(label: str, rec: dict[str, Any], search_limit: Any) -> str:
 
 def export_trial(genome: Any, trial: FrozenTrial, out_dir: Path, *, scores: dict[str, Any] | None, title: str,
                  search_limit: Any = None, model: bool = True, device: str = "auto", progress: bool = True,
+                 engine: Any = None,
                  fused: bool | str = "auto", trust_remote_code: bool = False) -> Path:
     """``out_dir/recipe.yaml`` and (``model``) ``out_dir/model/`` with a model card stating the scores.
 
@@ -77,6 +78,13 @@ def export_trial(genome: Any, trial: FrozenTrial, out_dir: Path, *, scores: dict
     round a multiply-add differently, and in bfloat16 evaluation one bfloat16 step in three of 135M
     weights moved a smol winner's test score by three items of 1,500. Same kernel, same weights: the
     card's scores are the model's.
+
+    ``engine``: the prepared engine that scored the trial, when it is still resident (a search ending):
+    the model is written from its live tensors with the trial's recipe applied, not merged again from the
+    models on disk, wherever those are the tensors the merge from disk would write (the engine's live
+    model holds the output dtype, every tensor has a parameter of its own: engine/oneshot.py
+    ``live_tensors``); else, and for ``evomerge-export`` later, it is merged from disk. The directory
+    (recipe, card, config, tokenizer) and its staging and swap are the same either way.
     """
     from evomerge.engine.oneshot import merge_to_dir
 
@@ -87,7 +95,7 @@ def export_trial(genome: Any, trial: FrozenTrial, out_dir: Path, *, scores: dict
     if model:  # an earlier export is replaced whole once the new one is complete, card included
         sections = scores_markdown(title, scores, search_limit) if scores else ""
         merge_to_dir(recipe, out_dir / "model", device=device, progress=progress, fused=fused,
-                     trust_remote_code=trust_remote_code,
+                     trust_remote_code=trust_remote_code, live=engine,
                      card=model_card(recipe, title=title, sections=sections))
     return out_dir
 

@@ -256,7 +256,7 @@ class SearchSession:
                          title=f"evomerge {self.spec.name}: {best.label}", search_limit=self.spec.limit,
                          model=self.config.final.export_model, device=str(self.device),
                          progress=False, fused=self.engine.fused if self.engine is not None else "auto",
-                         trust_remote_code=self.trust_remote_code)
+                         trust_remote_code=self.trust_remote_code, engine=self.engine)  # the scored weights
         for n in final.front:
             export_trial(self.genome, by_number[n], run_dir / "pareto" / f"trial_{n}", scores=None,
                          title=f"trial {n}", model=False)

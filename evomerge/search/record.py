@@ -50,12 +50,15 @@ Invariants, which every writer keeps and every reader may rely on:
 * ``final:<N>`` is written once per trial and never rewritten: its presence means "re-scored", and a
   rerun of the final step (or another worker's) reuses it. Absent keys inside it were not measured.
 * ``winner`` names a trial that has ``final:<N>``.
-* The export claim is set only under the study mutex (search/cluster/final.py); once it says ``done``
-  it is never changed again.
+* The export claim is taken (or taken over from a dead holder) only under the study mutex
+  (search/cluster/export_claim.py); then only its holder writes it (its beat, then ``done``), and once
+  it says ``done`` it is never changed again.
 * A cluster trial's ``worker`` is its worker's last write when it takes the trial: a RUNNING trial
   without it belongs to a worker that died while taking it (search/cluster/budget.py).
-* ``baseline``, ``seed`` and ``retry_of`` are set when a trial is enqueued, before any worker can run
-  it, and carried to its retry (all but ``retry_of``, which the retry sets anew).
+* ``baseline`` and ``retry_of`` are set when a trial is enqueued, before any worker can run it; ``seed``
+  then too where the trial's recipe has a seed of its own (a warm start's), else as the trial starts
+  (``random_mode: fresh``). A retry carries its dead trial's ``baseline`` and ``seed`` and sets its own
+  ``retry_of``; nothing else of the dead trial.
 """
 from __future__ import annotations
 
