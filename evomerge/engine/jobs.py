@@ -23,7 +23,7 @@ from evomerge.checkpoints.writer import parse_dtype
 from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import MergeError
-from evomerge.methods import MergeInputs, SparsifyAux
+from evomerge.methods import MergeInputs, MergeMethod, SparsifyAux
 from evomerge.methods import fused as fused_kernels
 
 
@@ -97,9 +97,11 @@ def raise_if_not_finite(checks: list[tuple[str, torch.Tensor]], recipe: Recipe) 
     )
 
 
-def random_aux(plan: MergePlan, job: TensorJob, seed: int, shape: torch.Size, device: torch.device) -> list[SparsifyAux] | None:
-    """Uniform draws for each merged model of a job, or None when the method draws nothing."""
-    if not plan.method.uses_uniforms:
+def random_aux(plan: MergePlan, job: TensorJob, seed: int, shape: torch.Size, device: torch.device, *,
+               method: MergeMethod | None = None) -> list[SparsifyAux] | None:
+    """Uniform draws for each merged model of a job, or None when the method (``method``, else the plan's)
+    draws nothing."""
+    if not (method or plan.method).uses_uniforms:
         return None
     return [SparsifyAux(uniforms=uniforms(seed, job.out_name, i, shape).to(device)) for i in range(len(job.models))]
 

@@ -27,12 +27,27 @@ accelerate puts on the CPU are merged on the CPU and copied to the GPU per forwa
 Lookup tables (sorted magnitudes, DARE's kept-L1 sums) stay in host memory in
 every mode: a candidate reads one number from each, and a read from GPU memory
 would stall the GPU's queue once per tensor and model.
+
+**Several methods from one set of inputs** (``methods=``, the method-gene search):
+the base and every model's task vector are resident once, with the union of what
+the methods reuse (sorted magnitudes if a TIES / breadcrumbs method is among them,
+uniform draws and DARE's tables if a DARE / DELLA one is, DELLA's ranks, L1 norms).
+:meth:`PreparedMerge.apply` then takes a recipe of any prepared method over the
+same models: each method gets exactly the aux it would get prepared alone, so a
+task-vector method (the task-arithmetic family, model_stock, SLERP from the base)
+gives the single-method engine's tensors bit for bit. A method that merges models
+(linear, nuslerp without a base, SLERP between two sources) gets each model as
+``base + task vector``, which differs from the stored model by float32 rounding
+(one rounding of the subtraction, one of the addition: at most 1.5 float32 steps
+of the larger of |base| and |model|), so its result differs from
+``evomerge-merge``'s by about that much, as the SLERP path over task vectors already does.
 """
 from __future__ import annotations
 
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import psutil
 import torch
@@ -48,7 +63,8 @@ from evomerge.engine.jobs import (as_inputs, choose_fused, input_bytes, random_a
 from evomerge.engine.plan import MergePlan, TensorJob
 from evomerge.engine.recipe import Recipe
 from evomerge.errors import MergeError
-from evomerge.methods import SparsifyAux
+from evomerge.methods import MergeMethod, SparsifyAux, get_method
+from evomerge.methods import fused as fused_kernels
 from evomerge.methods.sparsify import l1_table, prepare_aux
 
 MEMORY_MODES = ("auto", "device", "host", "disk")
@@ -63,6 +79,7 @@ class _Resident:
     aux: list[SparsifyAux] | None = None  # candidate-independent: sorted |delta|, della ranks, L1 sums
     uniforms: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # seed -> per-model draws
     l1_below_u: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)  # seed -> DARE kept-L1 tables
+    cosines: dict[tuple, float] = field(default_factory=dict)  # several methods: SLERP's angle per recipe structure
 
 
 @dataclass
@@ -92,6 +109,7 @@ class PreparedMerge:
         self,
         recipe: Recipe,
         *,
+        methods: Sequence[str] | None = None,
         device: str = "auto",
         memory: str = "auto",
         model_dtype: torch.dtype = torch.float32,
@@ -101,11 +119,23 @@ class PreparedMerge:
         device_map: str | dict | None = None,
         max_memory: dict | None = None,
     ) -> None:
+        """``methods``: the merge methods :meth:`apply` accepts (the recipe's own is always one); more than one
+        keeps base + task vectors resident for all of them (see the module docstring). ``recipe`` names the
+        models and the base, and is merged first."""
         if memory not in MEMORY_MODES:
             raise MergeError(f"memory mode {memory!r} is unknown; use one of {', '.join(MEMORY_MODES)}.")
         self.plan = MergePlan(recipe, trust_remote_code=trust_remote_code)
         self.plan.refuse_vocab_remap("the search's prepared engine")
         self.recipe = recipe
+        self.trust_remote_code = trust_remote_code
+        self.methods = tuple(dict.fromkeys([recipe.merge_method, *(methods or ())]))
+        self._multi = len(self.methods) > 1
+        if self._multi:
+            self._check_multi(recipe)
+        # what preparation computes for: the recipe's method, or the union of what the methods reuse
+        self._aux_method = _union(self.methods) if self._multi else self.plan.method
+        self._plans: dict[tuple, MergePlan] = {recipe.structure_key(): self.plan}
+        self._fused_request = fused
         self.device = resolve_device(device)
         self.model_dtype = model_dtype
         self.model = build_live_model(self.plan.out_config, trust_remote_code)
@@ -114,22 +144,156 @@ class PreparedMerge:
         self._device = {job.out_name: self.device if self.device_map is None
                         else placement.device_of(job.out_name, self.device_map) for job in self.plan.jobs}
         self.memory = self._choose_memory(memory)
-        self._needs_base = self.plan.method.needs_base
+        self._needs_base = self.plan.method.needs_base or self._multi  # several methods: always task vectors
         self._resident: dict[str, _Resident] = {}
+        self._jobs_by_name = {job.out_name: job for job in self.plan.jobs}
         self._compute: dict[str, torch.dtype] = {}  # each job's compute dtype (its result is rounded to it)
         if self.memory != "disk":
             for job in tqdm(self.plan.jobs, desc="preparing", unit="tensor", disable=not progress):
                 self._resident[job.out_name] = self._prepare(job)
-        self.fused = choose_fused(self.plan, self.device, fused, input_bytes(self.plan))
+        # the kernel choice: one bool, or with several methods one per method (filled as their recipes come)
+        self.fused: bool | dict[str, bool] = {} if self._multi else choose_fused(self.plan, self.device, fused,
+                                                                                   input_bytes(self.plan))
         self._fill_model()
         self.apply(recipe)
 
+    # ---- several methods -------------------------------------------------------------
+    def _check_multi(self, recipe: Recipe) -> None:
+        where = f"{recipe.source_file}: an engine prepared for {', '.join(self.methods)}"
+        for name in self.methods:
+            get_method(name)  # an unknown name fails here, naming the known ones
+        if recipe.base_model is None or recipe.slices:
+            raise MergeError(f"{where} keeps the base and the task vectors of a models: recipe resident; give it a "
+                             f"recipe with a base_model and models: (no slices:).")
+        named = recipe.compute_dtype or recipe.dtype
+        if named is None:
+            raise MergeError(f"{where} needs the recipe's compute dtype stated (dtype: float32).")
+        half = str(named).removeprefix("torch.") in ("float16", "bfloat16")
+        if half and len({get_method(m).float32_math for m in self.methods}) > 1:
+            raise MergeError(f"{where}: under dtype {named} some of these methods compute in float32 and others in "
+                             f"{named}, so one set of inputs cannot serve them; set 'evomerge: {{compute_dtype: "
+                             f"float32}}'.")
+        self._base_ref = recipe.base_model
+        self._index = {ref: i for i, (ref, _) in enumerate(self.plan.jobs[0].models)}  # model -> resident input
+
+    def _plan_for(self, recipe: Recipe) -> MergePlan:
+        """The plan of a candidate recipe (one per structure: method, base, models), checked against what is
+        resident."""
+        key = recipe.structure_key()
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        prepared = (self.recipe.base_model, *self._index)
+        wrong = (recipe.merge_method not in self.methods or recipe.slices is not None
+                 or (recipe.compute_dtype or recipe.dtype) != (self.recipe.compute_dtype or self.recipe.dtype)
+                 or (recipe.tokenizer_source, recipe.tokenizer) != (self.recipe.tokenizer_source, self.recipe.tokenizer)
+                 or any(ref not in prepared for ref in recipe.all_model_refs()))
+        if wrong:
+            raise MergeError(
+                f"{recipe.source_file}: this recipe merges other models, another dtype, vocabulary or method than the "
+                f"prepared engine ({', '.join(self.methods)} over {list(prepared)}); prepare a new engine.")
+        plan = MergePlan(recipe, trust_remote_code=self.trust_remote_code)
+        job = plan.jobs[0]
+        if plan.method.uses_uniforms and (job.base is None or job.base[0] != self._base_ref
+                                          or [r for r, _ in job.models] != list(self._index)):
+            raise MergeError(f"{recipe.source_file}: {plan.method.name!r} draws its masks per model position, so the "
+                             f"engine serves it over the prepared models in their order {list(self._index)}; "
+                             f"prepare a new engine.")
+        if {j.out_name for j in plan.jobs} != {j.out_name for j in self.plan.jobs}:
+            raise MergeError(f"{recipe.source_file}: this recipe's tensors are not the prepared engine's; "
+                             f"prepare a new engine.")
+        self._plans[key] = plan
+        return plan
+
+    def _fused_for(self, plan: MergePlan) -> bool:
+        """Several methods: the kernel rule per method (``fused=True`` fuses the methods that have a kernel)."""
+        assert isinstance(self.fused, dict)
+        name = plan.method.name
+        if name not in self.fused:
+            want = self._fused_request
+            if want is True and not fused_kernels.fusable(plan.method):
+                want = False
+            self.fused[name] = choose_fused(plan, self.device, want, input_bytes(plan))
+        return self.fused[name]
+
+    def _multi_inputs(self, plan: MergePlan, job: TensorJob, recipe: Recipe) -> tuple[dict, list[SparsifyAux] | None]:
+        """A candidate job's inputs from the resident base and task vectors: the task vectors themselves when the
+        recipe's base is the prepared one, else the models rebuilt as base + task vector (module docstring)."""
+        name = job.out_name
+        dev = self._device[name]
+        res = self._prepare_on_the_fly(self._jobs_by_name[name]) if self.memory == "disk" else self._resident[name]
+        base = res.base.to(dev, non_blocking=True)  # type: ignore[union-attr]
+
+        def delta(ref: str) -> torch.Tensor:
+            return res.inputs[self._index[ref]].to(dev, non_blocking=True)
+
+        m = plan.method
+        refs = [r for r, _ in job.models]
+        own_base = None if job.base is None else job.base[0]
+        aux: list[SparsifyAux] | None = None
+        if own_base == self._base_ref:
+            views: dict = {"base": base, "deltas": [delta(r) for r in refs]}
+            if m.uses_sorted_abs or m.uses_uniforms or m.aux_extras:
+                aux = self._aux_of(m, res, [self._index[r] for r in refs], job, recipe, dev)
+            ends = lambda: (base, base + views["deltas"][0])  # noqa: E731 (as prepare_aux measures it)
+        else:
+            models = [base + delta(r) for r in refs]
+            views = {"base": None if own_base is None else base + delta(own_base), "models": models}
+            if "cosine" in m.aux_extras:
+                aux = [SparsifyAux() for _ in refs]
+            ends = lambda: (views["base"], models[0])  # noqa: E731
+        if "cosine" in m.aux_extras:  # SLERP's angle: t-independent, measured once per recipe structure
+            from evomerge.methods.slerp import cosine  # noqa: PLC0415
+
+            key = recipe.structure_key()
+            if key not in res.cosines:
+                res.cosines[key] = cosine(*ends())
+            aux[0].extra["cosine"] = res.cosines[key]  # type: ignore[index]
+        return views, aux
+
+    def _aux_of(self, m: MergeMethod, res: _Resident, indices: list[int], job: TensorJob, recipe: Recipe,
+                dev: torch.device) -> list[SparsifyAux]:
+        """Exactly the aux ``m`` gets from an engine prepared for it alone, taken from the union's."""
+        aux = [SparsifyAux() for _ in indices]
+        for a, i in zip(aux, indices):
+            r = res.aux[i] if res.aux else None
+            if r is None:
+                continue
+            if m.uses_sorted_abs:
+                a.sorted_abs = r.sorted_abs
+            a.extra = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                       for k, v in r.extra.items() if k in m.aux_extras}
+        if m.uses_uniforms:
+            draws = self._uniforms(job, res, recipe)
+            tables = res.l1_below_u.get(recipe.seed) or [None] * len(draws)
+            for a, i in zip(aux, indices):
+                a.uniforms = draws[i].to(dev, non_blocking=True)
+                if "l1_below_u" in m.aux_extras and tables[i] is not None:
+                    a.extra["l1_below_u"] = tables[i]
+        return aux
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes held per kind: inputs (base and task vectors or models) and the precomputations."""
+        out = {"inputs": 0, "sorted_abs": 0, "uniforms": 0, "extra": 0}
+
+        def size(t: object) -> int:
+            return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+        for res in self._resident.values():
+            out["inputs"] += size(res.base) + sum(map(size, res.inputs))
+            for a in res.aux or []:
+                out["sorted_abs"] += size(a.sorted_abs)
+                out["extra"] += sum(map(size, a.extra.values()))
+            out["uniforms"] += sum(size(u) for draws in res.uniforms.values() for u in draws)
+            out["extra"] += sum(size(t) for tables in res.l1_below_u.values() for t in tables)
+        return out
+
     # ---- preparation ---------------------------------------------------------------
     def _bytes_needed(self) -> int:
-        """Resident bytes: the inputs, plus sorted magnitudes and uniform draws per merged model."""
-        m = self.plan.method
+        """Resident bytes: the inputs, plus sorted magnitudes, uniform draws and DELLA's ranks per merged model."""
+        m = self._aux_method
         n = len(self.plan.jobs[0].models)
-        extra = n * (int(m.uses_sorted_abs) + int(m.uses_uniforms)) / (n + 1)
+        extra = n * (int(m.uses_sorted_abs) + int(m.uses_uniforms) + int("della_rank" in m.aux_extras)) / (n + 1)
         return int(input_bytes(self.plan) * (1 + extra))
 
     def _choose_memory(self, memory: str) -> str:
@@ -164,8 +328,8 @@ class PreparedMerge:
             assert base is not None
             inputs = [x.sub_(base) for x in inputs]  # task vectors, in place: no second copy
         res = _Resident(base=base, inputs=inputs)
-        m = self.plan.method
-        draws = random_aux(self.plan, job, self.recipe.seed, inputs[0].shape, dev) if m.uses_uniforms else None
+        m = self._aux_method
+        draws = random_aux(self.plan, job, self.recipe.seed, inputs[0].shape, dev, method=m) if m.uses_uniforms else None
         if m.uses_sorted_abs or m.uses_uniforms or m.aux_extras:
             res.aux = [prepare_aux(m, d, base=base, uniforms=None if draws is None else draws[i].uniforms,
                                    gpu=where.type == "cuda") for i, d in enumerate(inputs)]
@@ -195,7 +359,10 @@ class PreparedMerge:
             value = self.plan.checkpoints[ref[0]].get(ref[1])
             dev = self._device[job.out_name]
             if target.expert is None:
-                set_module_tensor_to_device(model, target.param, dev, value=value, dtype=self.model_dtype)
+                # a private copy: a checkpoint's tensor can be a view of its mapped file, which later reads
+                # (memory: disk re-reads the inputs per candidate) would see the merged values in
+                set_module_tensor_to_device(model, target.param, dev, value=value.to(dev, self.model_dtype, copy=True),
+                                            dtype=self.model_dtype)
                 continue
             fused = model.get_parameter(target.param)  # experts stacked in one parameter (transformers 5)
             if fused.device.type == "meta":
@@ -259,42 +426,55 @@ class PreparedMerge:
         """Common random numbers are cached per seed; fresh draws (random_mode: fresh) are not kept."""
         if recipe.seed in res.uniforms:
             return res.uniforms[recipe.seed]
-        aux = random_aux(self.plan, job, recipe.seed, res.inputs[0].shape, res.inputs[0].device)
+        aux = random_aux(self.plan, job, recipe.seed, res.inputs[0].shape, res.inputs[0].device, method=self._aux_method)
         draws = [a.uniforms for a in aux]  # type: ignore[union-attr,misc]
         if recipe.random_mode == "common" and self.memory != "disk":
             res.uniforms = {recipe.seed: draws}  # keep one seed's draws, not every seed's
-            if "l1_below_u" in self.plan.method.aux_extras:
+            if "l1_below_u" in self._aux_method.aux_extras:
                 gpu = self._device[job.out_name].type == "cuda"
                 res.l1_below_u = {recipe.seed: [_on_host(l1_table(d, u, gpu=gpu)) for d, u in zip(res.inputs, draws)]}
         return draws  # type: ignore[return-value]
 
     @torch.no_grad()
     def apply(self, recipe: Recipe) -> ApplyTiming:
-        """Merge ``recipe`` into the live model in place. Same structure as the prepared recipe required."""
-        if recipe.structure_key() != self.recipe.structure_key():
+        """Merge ``recipe`` into the live model in place: a recipe of the prepared structure, or with several
+        methods any recipe of one of them over the prepared models and base."""
+        if self._multi:
+            plan = self._plan_for(recipe)
+        elif recipe.structure_key() != self.recipe.structure_key():
             raise MergeError(
                 f"{recipe.source_file}: this recipe merges different models or another method than the prepared "
                 f"engine ({self.recipe.merge_method} over {self.recipe.all_model_refs()}); prepare a new engine."
             )
+        else:
+            plan = self.plan
+        fused = self._fused_for(plan) if self._multi else self.fused
         start = time.perf_counter()
         checks: list[tuple[str, torch.Tensor]] = []
-        for job in self.plan.jobs:
+        for job in plan.jobs:
             param = self._params.get(job.out_name)
             if param is None:
                 continue  # a tied tensor already written through its twin
-            base, inputs, aux = self._inputs(job, recipe)
-            views = {"deltas": inputs} if self._needs_base else {"models": inputs}
+            if self._multi:
+                views, aux = self._multi_inputs(plan, job, recipe)
+            else:
+                base, inputs, aux = self._inputs(job, recipe)
+                views = {"base": base, **({"deltas": inputs} if self._needs_base else {"models": inputs})}
             try:
-                run_job(self.plan, job, recipe, base=base, aux=aux, out=param, fused=self.fused, checks=checks,
+                run_job(plan, job, recipe, aux=aux, out=param, fused=fused, checks=checks,
                         round_to=self._compute.get(job.out_name), **views)
             except MergeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a compiler failure falls back to eager torch
-                if not self.fused:
+                if not fused:
                     raise
                 warnings.warn(f"fused merge kernel unavailable ({type(exc).__name__}: {exc}); using eager torch")
-                self.fused = False
-                run_job(self.plan, job, recipe, base=base, aux=aux, out=param, checks=checks,
+                fused = False
+                if isinstance(self.fused, dict):
+                    self.fused[plan.method.name] = False
+                else:
+                    self.fused = False
+                run_job(plan, job, recipe, aux=aux, out=param, checks=checks,
                         round_to=self._compute.get(job.out_name), **views)
         raise_if_not_finite(checks, recipe)  # also waits for the device's queued kernels
         return ApplyTiming(seconds=time.perf_counter() - start, tensors=len(self._params))
@@ -302,3 +482,13 @@ class PreparedMerge:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The live merged tensors by output name (views, not copies)."""
         return {name: p.detach() for name, p in self._params.items()}
+
+
+def _union(names: Sequence[str]) -> MergeMethod:
+    """A stand-in method whose precomputation is the union of the methods' (SLERP's angle aside: it depends on
+    the pair of tensors a recipe interpolates, so the engine measures it per recipe structure)."""
+    ms = [get_method(n) for n in names]
+    extras = tuple(dict.fromkeys(k for m in ms for k in m.aux_extras if k != "cosine"))
+    return MergeMethod(name="+".join(names), merge=ms[0].merge, needs_base=True,
+                       uses_sorted_abs=any(m.uses_sorted_abs for m in ms), uses_uniforms=any(m.uses_uniforms for m in ms),
+                       aux_extras=extras)

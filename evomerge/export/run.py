@@ -34,6 +34,10 @@ def genome_from_study(study: optuna.Study) -> Any:
 
     if is_dataflow(info.search):  # a layer-stacking study (search/dataflow.py)
         return DataflowGenome(parse_dataflow(info.search), info.sources, layout, seed=info.seed)
+    from evomerge.search.method_space import AutoGenome, is_auto, parse_auto
+
+    if is_auto(info.search):  # the method is a gene (search/method_space.py)
+        return AutoGenome(parse_auto(info.search), info.sources, info.base, layout, seed=info.seed)
     return Genome(parse_search(info.search), info.sources, info.base, layout, seed=info.seed)
 
 
@@ -70,7 +74,7 @@ def scores_markdown(label: str, rec: dict[str, Any], search_limit: Any) -> str:
 def export_trial(genome: Any, trial: FrozenTrial, out_dir: Path, *, scores: dict[str, Any] | None, title: str,
                  search_limit: Any = None, model: bool = True, device: str = "auto", progress: bool = True,
                  engine: Any = None,
-                 fused: bool | str = "auto", trust_remote_code: bool = False) -> Path:
+                 fused: bool | str | dict[str, bool] = "auto", trust_remote_code: bool = False) -> Path:
     """``out_dir/recipe.yaml`` and (``model``) ``out_dir/model/`` with a model card stating the scores.
 
     ``fused``: the kernel of the engine that scored the trial ("auto": the engine's own rule for this
@@ -94,6 +98,8 @@ def export_trial(genome: Any, trial: FrozenTrial, out_dir: Path, *, scores: dict
     recipe.save(out_dir / "recipe.yaml")
     if model:  # an earlier export is replaced whole once the new one is complete, card included
         sections = scores_markdown(title, scores, search_limit) if scores else ""
+        if isinstance(fused, dict):  # an engine of several methods chose per method (engine/prepared.py)
+            fused = fused.get(recipe.merge_method, "auto")
         merge_to_dir(recipe, out_dir / "model", device=device, progress=progress, fused=fused,
                      trust_remote_code=trust_remote_code, live=engine,
                      card=model_card(recipe, title=title, sections=sections))

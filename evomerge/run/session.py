@@ -74,7 +74,7 @@ class SearchSession:
         layout = layout_of(models.base or next(iter(self.sources.values())))
         seed = self.config.seed
         self.genome = (DataflowGenome(spec, self.sources, layout, seed=seed) if dataflow  # type: ignore[arg-type]
-                       else Genome(spec, self.sources, models.base, layout, seed=seed))
+                       else _genome(spec, self.sources, models.base, layout, seed=seed))
         # every configuration check that can fail runs now, before a study exists (evomerge/search/preflight.py)
         check_before_study(self.scorer.evaluator, self.tasks, base=models.base or next(iter(self.sources.values())),
                            tokenizer_dir=self.tokenizer_dir,
@@ -235,8 +235,9 @@ class SearchSession:
             self.engine = StackEngine(list(self.sources.values()), device=str(self.device), model_dtype=dtype,
                                       trust_remote_code=self.trust_remote_code)
             return self.engine
-        recipe = self.genome.recipe(self.genome.baselines()["textbook"])
-        self.engine = PreparedMerge(recipe, device=str(self.device), memory=self.config.memory,
+        methods = getattr(self.genome, "methods", None)  # a method-gene search: every method from one engine
+        recipe = (self.genome.structure_recipe() if methods else self.genome.recipe(self.genome.baselines()["textbook"]))
+        self.engine = PreparedMerge(recipe, methods=methods, device=str(self.device), memory=self.config.memory,
                                     model_dtype=dtype, progress=self.progress, device_map=self.config.device_map,
                                     max_memory=self.config.max_memory, trust_remote_code=self.trust_remote_code)
         return self.engine
@@ -337,7 +338,22 @@ def _with_sources(spec: Any, sources: list[str], *, replace: bool = False) -> An
         return spec
     if isinstance(spec, DataflowSpec):
         return copy(spec, common=copy(spec.common, sources=sources))
+    if hasattr(spec, "per_method"):  # a method-gene search (search/method_space.py): every method's spec
+        return copy(spec, common=copy(spec.common, sources=sources),
+                    per_method={m: copy(s, sources=sources) for m, s in spec.per_method.items()})
     return copy(spec, sources=sources)
+
+
+def _genome(spec: Any, sources: dict[str, str], base: str | None, layout: Any, *, seed: int) -> Any:
+    """A merge-method genome: one method's, or the method-gene search's (search/method_space.py)."""
+    from evomerge.search.method_space import AutoGenome, AutoSpec
+
+    if isinstance(spec, AutoSpec):
+        genome = AutoGenome(spec, sources, base, layout, seed=seed)
+        for m, why in genome.left_out.items():
+            print(f"evomerge: search.methods: {m} is left out ({why}).")
+        return genome
+    return Genome(spec, sources, base, layout, seed=seed)
 
 
 def _best_baseline(final: FinalResult) -> dict[str, Any] | None:

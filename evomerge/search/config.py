@@ -151,6 +151,10 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
     from evomerge.search.fitness import parse_tasks
     from evomerge.search.warm import parse_warm
 
+    from evomerge.search.method_space import is_auto, resolve_encoding
+
+    if is_auto(raw.get("search")):  # the method-gene search: its encoding follows the sampler (search/method_space.py)
+        resolve_encoding(raw, str((raw.get("sampler") or {}).get("name")))
     search = _search(raw.get("search"))
     models = parse_models(_group(raw, "models"))
     _needs_base(search, models)
@@ -264,15 +268,20 @@ def parse_storage(cfg: dict[str, Any]) -> StorageConfig:
 
 def _search(cfg: dict[str, Any] | None) -> Any:
     from evomerge.search.dataflow import is_dataflow, parse_dataflow  # layer stacking: its own search keys
+    from evomerge.search.method_space import is_auto, parse_auto  # the method is a gene: its own search keys
     from evomerge.search.spec import parse_search
 
+    if is_auto(cfg):
+        return parse_auto(cfg)  # type: ignore[arg-type]
     return parse_dataflow(cfg) if is_dataflow(cfg) else parse_search(cfg)  # type: ignore[arg-type]
 
 
 def _needs_base(search: Any, models: ModelsConfig) -> None:
     from evomerge.methods import get_method
+    from evomerge.search.method_space import AutoSpec
 
-    if get_method(search.method).needs_base and search.base_model is None and not models.base and not models.zoo:
+    needs_base = isinstance(search, AutoSpec) or get_method(search.method).needs_base  # auto: task vectors resident
+    if needs_base and search.base_model is None and not models.base and not models.zoo:
         raise ConfigError(
             f"search.method {search.method!r} needs a base model (the model the specialists were fine-tuned from), and "
             f"models group {models.name!r} names none: set models.base=/path/to/base, or pick a method "

@@ -264,7 +264,8 @@ class SearchLoop:
         self.budget = budget if budget is not None else LocalBudget(study, n_trials)
         self.n_trials, self.limit, self.first_limit, self.prune = n_trials, limit, first_limit, prune
         self.seed, self.fresh_seeds, self.progress = seed, fresh_seeds, progress
-        self.dists = genome.distributions()
+        # the space: fixed distributions, or define-by-run (a conditional space: search/method_space.py)
+        self.dists = genome.suggest if getattr(genome, "conditional", False) else genome.distributions()
         self.stats = LoopStats()
         self.ran: list[int] = []
         self.taken_over: list[int] = []

@@ -112,14 +112,22 @@ class Mirror:
                 continue  # another worker ran it already
         return None
 
-    def ask(self, dists: dict[str, BaseDistribution]) -> MirroredTrial:
+    def _ask_mem(self, dists: dict[str, BaseDistribution] | Callable[[optuna.Trial], Any]) -> optuna.Trial:
+        """A trial of the in-memory study: over fixed distributions, or define-by-run (``dists`` suggests)."""
+        if callable(dists):
+            mt = self.mem.ask()
+            dists(mt)
+            return mt
+        return self.mem.ask(dists)
+
+    def ask(self, dists: dict[str, BaseDistribution] | Callable[[optuna.Trial], Any]) -> MirroredTrial:
         if self.shared:
             self.sync()
         claimed = self._claim_waiting()
         if claimed is not None:
             fixed = record.enqueued_params(claimed) or {}
             self.mem.enqueue_trial(fixed, user_attrs=claimed.user_attrs, skip_if_exists=False)
-            mt = self.mem.ask(dists)
+            mt = self._ask_mem(dists)
             ft = storage_of(self.mem).get_trial(trial_id(mt))
             for name, value in ft.params.items():
                 dist = ft.distributions[name]
@@ -132,7 +140,7 @@ class Mirror:
             if not self._sampler_ready:
                 self.mem.sampler = self.sampler_for(self._best_baseline())
                 self._sampler_ready = True
-            mt = self.mem.ask(dists)
+            mt = self._ask_mem(dists)
             ft = storage_of(self.mem).get_trial(trial_id(mt))
             template = FrozenTrial(
                 number=0, state=TrialState.RUNNING, value=None, datetime_start=datetime.datetime.now(),

@@ -128,8 +128,9 @@ def _from_study(cfg: dict[str, Any], genome: Any) -> list[WarmPoint]:
         raise ConfigError(f"warm_start.study = {cfg['study']!r}: study {study.study_name!r} has no finished searched "
                           f"trial to start from.")
     dists = genome.distributions()
-    genes = set(done[0].params)
-    if genes != set(dists):
+    conditional = getattr(genome, "conditional", False)  # define-by-run (search/method_space.py): a trial holds
+    genes = set(done[0].params)                          # its method's genes only
+    if (genes - set(dists)) if conditional else genes != set(dists):
         missing, extra = sorted(set(dists) - genes), sorted(genes - set(dists))
         raise ConfigError(
             f"warm_start.study = {cfg['study']!r}: study {study.study_name!r} searched other genes than this search, "
@@ -141,7 +142,7 @@ def _from_study(cfg: dict[str, Any], genome: Any) -> list[WarmPoint]:
     out = []
     for t in sorted(done, key=record.ranking_fitness, reverse=True)[: cfg["top"]]:
         for name, dist in dists.items():
-            if isinstance(dist, CategoricalDistribution) and t.params[name] not in dist.choices:
+            if isinstance(dist, CategoricalDistribution) and name in t.params and t.params[name] not in dist.choices:
                 raise ConfigError(f"warm_start.study: trial {t.number} of study {study.study_name!r} has {name} = "
                                   f"{t.params[name]!r}, not among this search's choices {list(dist.choices)}.")
         out.append(WarmPoint(f"{PREFIX}trial_{t.number}", {n: t.params[n] for n in dists if n in t.params},
@@ -154,6 +155,16 @@ def _from_recipe(path: Path, genome: Any) -> WarmPoint:
     from evomerge.engine.recipe import load_recipe
 
     where = f"warm_start.recipes: {path}"
+    if hasattr(genome, "genomes"):  # the method is a gene (search/method_space.py): the recipe's method reads it
+        try:
+            method = load_recipe(path).merge_method
+        except EvomergeError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if method not in genome.genomes:
+            raise ConfigError(f"{where}: it is a {method!r} recipe, and this search's methods are "
+                              f"{', '.join(genome.methods)}; warm-start from a recipe of one of them.")
+        point = _from_recipe(path, genome.genomes[method])
+        return WarmPoint(point.label, genome.encode(method, point.params), point.seed)
     if not hasattr(genome, "setting"):
         raise ConfigError(f"{where}: a data-flow search is warm-started from an earlier study (warm_start.study), "
                           f"not from a recipe file.")
