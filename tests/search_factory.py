@@ -40,3 +40,15 @@ def _random_point(g: Genome, seed: int = 0) -> dict:
         else:
             out[name] = d.low + float(torch.rand(1, generator=rng)) * (d.high - d.low)
     return out
+
+
+class ConstantScorer:
+    """Scores every candidate 0.5: for tests of the loop's bookkeeping, not of fitness."""
+
+    def score(self, model, split, limit):
+        from evomerge.search.fitness import Score
+
+        return Score(values=[0.5], fitness=0.5, metrics={"t": {"acc": 0.5}}, seconds=0.001)
+
+    def can_split(self, split):
+        return False

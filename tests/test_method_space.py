@@ -14,7 +14,7 @@ from evomerge.search import driver
 from evomerge.search.genome import Genome, layout_of
 from evomerge.search.method_space import AutoGenome, parse_auto, resolve_encoding
 from evomerge.search.spec import parse_search
-from search_factory import family  # noqa: F401  (a fixture: a base and three fine-tunes m0, m1, m2)
+from search_factory import ConstantScorer, family  # noqa: F401  (a fixture: a base and three fine-tunes m0, m1, m2)
 
 ALL = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
        "della_linear", "linear", "slerp", "nuslerp", "model_stock"]
@@ -230,16 +230,6 @@ class _Engine:
         return _Timing()
 
 
-class _Scorer:
-    def score(self, model, split, limit):
-        from evomerge.search.fitness import Score
-
-        return Score(values=[0.5], fitness=0.5, metrics={"t": {"acc": 0.5}}, seconds=0.001)
-
-    def can_split(self, split):
-        return False
-
-
 @pytest.mark.parametrize("encoding", ["conditional", "flat"])
 def test_the_loop_runs_baselines_then_searched_trials(shipped, family, tmp_path, encoding):
     g = _genome(shipped, family, encoding=encoding)
@@ -249,7 +239,7 @@ def test_the_loop_runs_baselines_then_searched_trials(shipped, family, tmp_path,
     engine = _Engine()
     sampler = (lambda start: optuna.samplers.TPESampler(seed=0, multivariate=True, group=True)) \
         if encoding == "conditional" else (lambda start: optuna.samplers.CmaEsSampler(seed=0, x0=start))
-    loop = driver.SearchLoop(study, sampler, optuna.pruners.NopPruner(), g, engine, _Scorer(), n_trials=17,
+    loop = driver.SearchLoop(study, sampler, optuna.pruners.NopPruner(), g, engine, ConstantScorer(), n_trials=17,
                              limit=None, first_limit=None, prune=False, seed=0, fresh_seeds=False, progress=False)
     loop.run()
     trials = study.get_trials()

@@ -7,7 +7,7 @@ import pytest
 from optuna.trial import TrialState
 
 from evomerge.search import driver
-from search_factory import family, genome  # noqa: F401  (family is a fixture)
+from search_factory import ConstantScorer, family, genome  # noqa: F401  (family is a fixture)
 
 # ---- budget and resume bookkeeping (in-memory Optuna, no models) -----------------------------
 def test_budget_counts_retries_once():
@@ -74,17 +74,7 @@ class _Engine:
         return _Timing()
 
 
-class _Scorer:
-    def score(self, model, split, limit):
-        from evomerge.search.fitness import Score
-
-        return Score(values=[0.5], fitness=0.5, metrics={"t": {"acc": 0.5}}, seconds=0.001)
-
-    def can_split(self, split):
-        return False
-
-
-class _EasyFirstItems(_Scorer):
+class _EasyFirstItems(ConstantScorer):
     """A two-stage scorer whose first look scores every candidate ``bias`` above its whole look (the first
     items of a task are easier), the whole look being the first model's weight."""
 
@@ -118,7 +108,7 @@ def _loop(family, engine, n_trials, storage=None, scorer=None, pruner=None):
     study = optuna.create_study(direction="maximize", storage=storage)
     driver.enqueue_baselines(study, g.baselines())
     loop = driver.SearchLoop(study, lambda start: optuna.samplers.RandomSampler(seed=0),
-                             pruner or optuna.pruners.NopPruner(), g, engine, scorer or _Scorer(), n_trials=n_trials,
+                             pruner or optuna.pruners.NopPruner(), g, engine, scorer or ConstantScorer(), n_trials=n_trials,
                              limit=None, first_limit=0.25 if pruner else None, prune=pruner is not None,
                              seed=0, fresh_seeds=False, progress=False)
     return study, loop
@@ -175,7 +165,7 @@ def test_ctrl_c_marks_the_trial_and_queues_its_retry(family, tmp_path):
     # resuming runs the retry first, with the dead trial's parameters, and ends at exactly the budget
     g = genome(family, layers_per_group="global")
     loop2 = driver.SearchLoop(study, lambda start: optuna.samplers.RandomSampler(seed=1), optuna.pruners.NopPruner(),
-                              g, _Engine(), _Scorer(), n_trials=10, limit=None, first_limit=None, prune=False,
+                              g, _Engine(), ConstantScorer(), n_trials=10, limit=None, first_limit=None, prune=False,
                               seed=0, fresh_seeds=False, progress=False)
     loop2.run()
     trials = study.get_trials()
