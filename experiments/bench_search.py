@@ -89,7 +89,7 @@ def main() -> None:
     s.scorer.score(model, "search", s.spec.limit)  # warm-up: task dicts, first HFLM
     fwd["s"], fwd["calls"] = 0.0, 0
     loop = SearchLoop(study, s.sampler_for, s.pruner, s.genome, engine, s.scorer, n_trials=args.n, limit=s.spec.limit,
-                      first_limit=None, prune=False, seed=0, fresh_seeds=False, progress=False)
+                      seed=0, fresh_seeds=False, progress=False)
     stats = loop.run()
     n = len(stats.total_s)
     rows = [{"merge": m, "eval": e, "total": t} for m, e, t in zip(stats.merge_s, stats.eval_s, stats.total_s)]

@@ -100,7 +100,7 @@ def main() -> None:
     gate = Gate(study, mutex, args.n, label, poll_s=0.2)
     loop = driver.SearchLoop(study, sampler_for, optuna.pruners.NopPruner(), genome, engine,
                              Scorer(engine, args.delay, args.die_at, Path(args.started) if args.started else None),
-                             n_trials=args.n, limit=None, first_limit=None, prune=False, seed=0, fresh_seeds=False,
+                             n_trials=args.n, limit=None, seed=0, fresh_seeds=False,
                              progress=False, budget=gate)
     if args.die_in_gate is not None:  # the gate asks the mirror for the trial with the mutex held
         inner, asked = loop.mirror, []

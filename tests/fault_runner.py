@@ -35,7 +35,7 @@ def plant(stage: str, nth: int) -> None:
     elif stage == "trial":
         from evomerge.search.fitness import Scorer
 
-        _kill_on_call(Scorer, "first_look", nth)
+        _kill_on_call(Scorer, "extend", nth)
     elif stage == "final":
         from evomerge.search.fitness import Scorer
 

@@ -66,8 +66,11 @@ def test_the_shipped_config_reuses_the_one_method_configs(shipped):
 
     for method, name in (("ties", "ties_math"), ("task_arithmetic", "task_arithmetic_math"),
                          ("dare_ties", "dare_ties_math"), ("slerp", "slerp_pair")):
-        theirs = compose_search(name, "test")  # the one-method config: its textbook is stated there only
-        assert spec.per_method[method].textbook == theirs["textbook"], method
+        theirs = compose_search(name, "test")  # the one-method config: its genes are stated there only
+        # every textbook is the one-method config's but task arithmetic's: the plain sum of the task vectors
+        # (weight 1, the paper's lambda 1) here, not task_arithmetic_math's uniform scaling of 0.5
+        expected = {"weight": 1.0} if method == "task_arithmetic" else theirs["textbook"]
+        assert spec.per_method[method].textbook == expected, method
         assert set(spec.per_method[method].genes) == set(theirs["genes"]), method
     assert spec.per_method["slerp"].base_model == "first"
     assert spec.layers_per_group is None and spec.n_trials == 80  # the auto search's own shared keys
@@ -240,7 +243,7 @@ def test_the_loop_runs_baselines_then_searched_trials(shipped, family, tmp_path,
     sampler = (lambda start: optuna.samplers.TPESampler(seed=0, multivariate=True, group=True)) \
         if encoding == "conditional" else (lambda start: optuna.samplers.CmaEsSampler(seed=0, x0=start))
     loop = driver.SearchLoop(study, sampler, optuna.pruners.NopPruner(), g, engine, ConstantScorer(), n_trials=17,
-                             limit=None, first_limit=None, prune=False, seed=0, fresh_seeds=False, progress=False)
+                             limit=None, seed=0, fresh_seeds=False, progress=False)
     loop.run()
     trials = study.get_trials()
     assert len(trials) == 17 and all(t.state == TrialState.COMPLETE for t in trials)

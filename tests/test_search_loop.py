@@ -96,11 +96,11 @@ class _EasyFirstItems(ConstantScorer):
     def can_split(self, split):
         return True
 
-    def first_look(self, model, split, limit, first):
-        return self._score(self._whole() + self.bias), {}
+    def look(self, split, limit, sample=None, seed=0):
+        return None
 
-    def rest(self, model, split, state):
-        return self._score(self._whole())
+    def extend(self, model, split, look, upto=None):
+        return self._score(self._whole() + (self.bias if upto is not None else 0.0))
 
 
 def _loop(family, engine, n_trials, storage=None, scorer=None, pruner=None):
@@ -109,7 +109,7 @@ def _loop(family, engine, n_trials, storage=None, scorer=None, pruner=None):
     driver.enqueue_baselines(study, g.baselines())
     loop = driver.SearchLoop(study, lambda start: optuna.samplers.RandomSampler(seed=0),
                              pruner or optuna.pruners.NopPruner(), g, engine, scorer or ConstantScorer(), n_trials=n_trials,
-                             limit=None, first_limit=0.25 if pruner else None, prune=pruner is not None,
+                             limit=None, looks=(0.25,) if pruner else (),
                              seed=0, fresh_seeds=False, progress=False)
     return study, loop
 
@@ -165,7 +165,7 @@ def test_ctrl_c_marks_the_trial_and_queues_its_retry(family, tmp_path):
     # resuming runs the retry first, with the dead trial's parameters, and ends at exactly the budget
     g = genome(family, layers_per_group="global")
     loop2 = driver.SearchLoop(study, lambda start: optuna.samplers.RandomSampler(seed=1), optuna.pruners.NopPruner(),
-                              g, _Engine(), ConstantScorer(), n_trials=10, limit=None, first_limit=None, prune=False,
+                              g, _Engine(), ConstantScorer(), n_trials=10, limit=None,
                               seed=0, fresh_seeds=False, progress=False)
     loop2.run()
     trials = study.get_trials()

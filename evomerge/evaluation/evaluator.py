@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+from collections import OrderedDict
 import functools
 import logging
 import time
@@ -33,7 +34,8 @@ from typing import Any, Iterator
 
 from evomerge.errors import ConfigError
 
-BACKENDS = ("fast", "hflm")  # Evaluator(backend=...): evomerge's FastLM, or lm-eval's HFLM
+BACKENDS = ("fast", "hflm")
+_REQUEST_SETS = 64  # request sets kept per task: every step of every look a search repeats, a few fresh samples  # Evaluator(backend=...): evomerge's FastLM, or lm-eval's HFLM
 
 _NOISY = (
     "`pretrained` model kwarg is not of type `str`",
@@ -307,13 +309,16 @@ def _reuse_requests(task: Any) -> None:
     if split is not None and split in (task.dataset or {}):
         task.dataset = {**task.dataset, split: list(task.dataset[split])}
     original = task.build_all_requests
-    built: dict[Any, list[Any]] = {}
+    built: OrderedDict[Any, list[Any]] = OrderedDict()
 
     def build_all_requests(*, limit: int | None = None, samples: list[int] | None = None, **kwargs: Any) -> None:
         key = (limit, None if samples is None else tuple(samples), repr(sorted(kwargs.items())))
         if key not in built:
             original(limit=limit, samples=samples, **kwargs)
             built[key] = task._instances
+            if len(built) > _REQUEST_SETS:  # fresh item samples (search.fresh_items) would otherwise pile up
+                built.popitem(last=False)
+        built.move_to_end(key)
         for inst in built[key]:
             inst.resps.clear()
             inst.filtered_resps.clear()

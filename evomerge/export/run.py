@@ -107,7 +107,8 @@ def export_trial(genome: Any, trial: FrozenTrial, out_dir: Path, *, scores: dict
 
 
 def write_trials_csv(study: optuna.Study, path: Path) -> Path:
-    """One row per trial: number, state, parameters, fitness, per-task metrics, merge and eval seconds."""
+    """One row per trial: number, state, parameters, fitness, per-task metrics, merge and eval seconds, the search
+    items it scored (its cost) and which fresh sample they were."""
     from evomerge.search.driver import retry_of
 
     trials = study.get_trials(deepcopy=False)
@@ -118,8 +119,8 @@ def write_trials_csv(study: optuna.Study, path: Path) -> Path:
     n_values = max((len(t.values or []) for t in trials), default=0)
     final = record.final_scores(study)
     head = ["number", "state", "baseline", "fitness", *[f"value_{i}" for i in range(n_values) if n_values > 1],
-            "first_fitness", "search_full_fitness", "select_fitness", "test_fitness", "merge_s", "eval_s", "seed",
-            "retry_of",
+            "first_fitness", "search_full_fitness", "select_fitness", "test_fitness", "merge_s", "eval_s", "items",
+            "sample", "seed", "retry_of",
             "fail_reason", *metric_cols, *params]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
@@ -131,7 +132,7 @@ def write_trials_csv(study: optuna.Study, path: Path) -> Path:
             row = [t.number, state, r.baseline or "", _cell(r.fitness),
                    *[_cell(t.values[i]) if t.values and i < len(t.values) else "" for i in range(n_values) if n_values > 1],
                    _cell(r.first_look), _cell(rec.search_full), _cell(rec.select), _cell(rec.test),
-                   *[_raw(v) for v in (r.merge_s, r.eval_s, r.seed, r.retry_of, r.fail_reason)],
+                   *[_raw(v) for v in (r.merge_s, r.eval_s, r.items, r.sample, r.seed, r.retry_of, r.fail_reason)],
                    *[_cell(r.metrics.get(c.split("/", 1)[0], {}).get(c.split("/", 1)[1])) for c in metric_cols],
                    *[_cell(t.params.get(p)) for p in params]]
             w.writerow(row)

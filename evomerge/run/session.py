@@ -78,7 +78,8 @@ class SearchSession:
         # every configuration check that can fail runs now, before a study exists (evomerge/search/preflight.py)
         check_before_study(self.scorer.evaluator, self.tasks, base=models.base or next(iter(self.sources.values())),
                            tokenizer_dir=self.tokenizer_dir,
-                           genome=self.genome, n_trials=spec.n_trials, sampler=self.config.sampler, seed=seed)
+                           genome=self.genome, n_trials=spec.n_trials, sampler=self.config.sampler, seed=seed,
+                           scorer=self.scorer, fresh_items=spec.fresh_items, limit=spec.limit)
         self.warm = warm_points(self.config.warm_start, self.genome)  # its errors, too, come first
 
     def _evaluator(self) -> Any:
@@ -99,7 +100,8 @@ class SearchSession:
     def _study_meta(self) -> record.StudyManifest:
         lay = self.genome.layout
         return record.StudyManifest(
-            fingerprint=self.genome.fingerprint() + "/" + _fitness_key(self.tasks, self.objectives, self.spec.limit),
+            fingerprint=self.genome.fingerprint() + "/" + _fitness_key(self.tasks, self.objectives, self.spec.limit,
+                                                                       self.spec.fresh_items),
             search=self.search_cfg, sources=self.sources, base=self.models.base, seed=self.genome.seed,
             layout={"n_layers": lay.n_layers, "pre": list(lay.pre), "post": list(lay.post),
                     "layer_names": list(lay.layer_names)},
@@ -110,10 +112,10 @@ class SearchSession:
         """The study in ``self.storage``, created or resumed, refused when its search space or fitness changed."""
         spec, storage = self.spec, self.storage
         single = len(self.objectives) == 1
-        first = float(spec.pruning.first_look)  # a fraction of the look's items, or a count
-        self.prune = bool(spec.pruning.enabled and single and first != 1)
-        self.first = first if self.prune else None
-        self.pruner = make_pruner(self.prune, float(spec.pruning.keep), int(spec.pruning.startup_trials))
+        looks = spec.pruning.looks  # the steps before the whole look: fractions of its items, or counts
+        prune = bool(spec.pruning.enabled and single and looks != (1.0,))  # (a first look of 1.0: the whole look)
+        self.looks = looks if prune else ()
+        self.pruner = make_pruner(prune, float(spec.pruning.keep), int(spec.pruning.startup_trials))
         config, seed = self.config, self.coord.sampler_seed(self.config.seed)  # a worker's sampler: a seed of its own
         self.sampler_for = lambda start: make_sampler(config.sampler, seed, self._inside(start))
         name = config.study_name
@@ -172,8 +174,8 @@ class SearchSession:
             start = time.perf_counter()
             if budget.finished() < n_trials:
                 loop = driver.SearchLoop(study, self.sampler_for, self.pruner, self.genome, get_engine(), self.scorer,
-                                         n_trials=n_trials, limit=self.spec.limit, first_limit=self.first,
-                                         prune=self.prune, seed=self.genome.seed,
+                                         n_trials=n_trials, limit=self.spec.limit, looks=self.looks,
+                                         fresh_items=self.spec.fresh_items, seed=self.genome.seed,
                                          fresh_seeds=self.spec.random_mode == "fresh", progress=self.progress,
                                          budget=budget)
                 stats = loop.run()
@@ -365,11 +367,12 @@ def _best_baseline(final: FinalResult) -> dict[str, Any] | None:
             "best_test_fitness": max(c.test for c in scored)}  # type: ignore[type-var]
 
 
-def _fitness_key(tasks: TaskSpec, objectives: list[str], limit: float | None) -> str:
+def _fitness_key(tasks: TaskSpec, objectives: list[str], limit: float | None, fresh_items: int | None = None) -> str:
     import hashlib
     import json
 
-    blob = json.dumps({"tasks": tasks.tasks, "objectives": objectives, "limit": limit, **tasks.options_key()}, sort_keys=True)
+    blob = json.dumps({"tasks": tasks.tasks, "objectives": objectives, "limit": limit, **tasks.options_key(),
+                       **({"fresh_items": fresh_items} if fresh_items is not None else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

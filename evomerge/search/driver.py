@@ -251,18 +251,24 @@ class LoopStats:
 
 class SearchLoop:
     """Runs trials while ``budget`` lets it start one (or until Ctrl-C); by default one process's
-    :class:`LocalBudget`. ``ran``: the trials it started; ``taken_over``: those another worker failed under it."""
+    :class:`LocalBudget`. ``ran``: the trials it started; ``taken_over``: those another worker failed under it.
+
+    ``looks``: the steps of a searched trial's look before the whole of it (items per task, each a fraction of
+    the look's items or a count; empty: no pruning). After step ``k`` the trial reports at step ``k`` and the
+    pruner may stop it. ``fresh_items``: trial ``n`` scores fresh sample ``n // fresh_items`` of the search split
+    (None: every trial the same first items), so no generation fits the items the previous ones were chosen on.
+    """
 
     def __init__(self, study: optuna.Study, sampler_for: Any, pruner: optuna.pruners.BasePruner,
                  genome: Any, engine: Any, scorer: Any, *, n_trials: int, limit: float | None,
-                 first_limit: float | None, prune: bool, seed: int, fresh_seeds: bool, progress: bool = True,
-                 budget: Budget | None = None) -> None:
+                 seed: int, fresh_seeds: bool, looks: tuple[float, ...] = (), fresh_items: int | None = None,
+                 progress: bool = True, budget: Budget | None = None) -> None:
         from evomerge.search.mirror import Mirror
 
         self.study, self.genome, self.engine, self.scorer = study, genome, engine, scorer
         self.mirror = Mirror(study, sampler_for, pruner)
         self.budget = budget if budget is not None else LocalBudget(study, n_trials)
-        self.n_trials, self.limit, self.first_limit, self.prune = n_trials, limit, first_limit, prune
+        self.n_trials, self.limit, self.looks, self.fresh_items = n_trials, limit, tuple(looks), fresh_items
         self.seed, self.fresh_seeds, self.progress = seed, fresh_seeds, progress
         # the space: fixed distributions, or define-by-run (a conditional space: search/method_space.py)
         self.dists = genome.suggest if getattr(genome, "conditional", False) else genome.distributions()
@@ -328,31 +334,33 @@ class SearchLoop:
                     trial.set_user_attr(record.SEED, seed)
                 recipe = self.genome.recipe(trial.params, seed=seed)
                 merge_s = self.engine.apply(recipe).seconds
-                score = None
-                if self.prune and baseline is None and self.first_limit is not None:
-                    two_stage = self.scorer.can_split("search")
-                    if two_stage:
-                        first, state = self.scorer.first_look(self.engine.model, "search", self.limit, self.first_limit)
-                    else:
-                        first = self.scorer.score(self.engine.model, "search", _of(self.limit, self.first_limit))
-                    eval_s += first.seconds
-                    trial.report(first.fitness, step=0)
+                sample = None if self.fresh_items is None else trial.number // self.fresh_items
+                steps = self.looks if baseline is None else ()  # a baseline is always scored whole
+                look = None
+                if self.scorer.can_split("search"):
+                    look = self.scorer.look("search", self.limit, sample, seed=self.seed)
+                    score_at: Callable[[float | None], Any] = lambda upto: self.scorer.extend(
+                        self.engine.model, "search", look, upto)
+                else:  # an evaluator that scores only a limit: each step from the first item (correct, slower)
+                    score_at = lambda upto: self.scorer.score(
+                        self.engine.model, "search", self.limit if upto is None else _of(self.limit, upto))
+                for step, upto in enumerate(steps):
+                    part = score_at(upto)
+                    eval_s += part.seconds
+                    trial.report(part.fitness, step=step)
                     if trial.should_prune():
-                        estimate = first.fitness - self._first_look_offset()
-                        trial.report(estimate, step=1)  # a sampler reads a pruned trial's last report
-                        self._record(trial, merge_s, eval_s, first.metrics, first_fitness=first.fitness,
+                        estimate = part.fitness - self._look_offset(step)
+                        trial.report(estimate, step=len(steps))  # a sampler reads a pruned trial's last report
+                        self._record(trial, merge_s, eval_s, part.metrics, sample, look, first_fitness=part.fitness,
                                      fitness=estimate)
                         trial.finish(TrialState.PRUNED)
                         self._time(start, merge_s, eval_s)
                         return TrialState.PRUNED, None
-                    if two_stage:
-                        score = self.scorer.rest(self.engine.model, "search", state)
-                if score is None:
-                    score = self.scorer.score(self.engine.model, "search", self.limit)
+                score = score_at(None)
                 eval_s += score.seconds
                 if not all(math.isfinite(v) for v in score.values):
                     raise EvomergeError(f"the evaluation returned a non-finite score {score.values}")
-                self._record(trial, merge_s, eval_s, score.metrics, fitness=score.fitness)
+                self._record(trial, merge_s, eval_s, score.metrics, sample, look, fitness=score.fitness)
                 trial.finish(TrialState.COMPLETE, score.values)
                 self._time(start, merge_s, eval_s)
                 return TrialState.COMPLETE, None
@@ -364,14 +372,14 @@ class SearchLoop:
         except Exception as exc:  # noqa: BLE001 - any candidate failure is recorded, the search goes on
             reason = _reason(exc)
             trial.set_user_attr(record.FAIL_REASON, reason)
-            self._record(trial, merge_s, eval_s, None)
+            self._record(trial, merge_s, eval_s, None, None, None)
             trial.finish(TrialState.FAIL)
             _free_accelerator_memory()
             tqdm.write(f"trial {trial.number} failed: {reason}")
             return TrialState.FAIL, reason
 
-    def _first_look_offset(self) -> float:
-        """How much higher a first look scores than its whole look, over this study's completed trials.
+    def _look_offset(self, step: int) -> float:
+        """How much higher step ``step`` of a look scores than the whole look, over this study's completed trials.
 
         Why a pruned trial is not told to the sampler as its raw first look: the first items of a task are
         not an average sample of its items. On the smol zoo they score 0.03-0.09 higher than the whole look
@@ -379,16 +387,18 @@ class SearchLoop:
         told that the candidates the pruner had just rejected beat every candidate it kept, and walked
         towards them. The mean paired difference over completed trials puts the first look on the
         whole look's scale; completed trials had the better first looks, so it errs, if anything, on
-        the side of a pruned trial looking worse. Step 0 stays the raw first look: the pruner compares
-        first looks with first looks, on the same items.
+        the side of a pruned trial looking worse. The reports at steps stay raw: the pruner compares a step's
+        looks with the same step's looks, on the same items (with fresh items, on samples of the same size).
         """
-        diffs = [t.intermediate_values[0] - t.values[0]
+        diffs = [t.intermediate_values[step] - t.values[0]
                  for t in self.mirror.mem.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                 if 0 in t.intermediate_values and t.values]
+                 if step in t.intermediate_values and t.values]
         return sum(diffs) / len(diffs) if diffs else 0.0
 
-    def _record(self, trial: Any, merge_s: float, eval_s: float, metrics: dict | None, **scores: float) -> None:
-        record.write_look(trial, merge_s, eval_s, metrics, **scores)
+    def _record(self, trial: Any, merge_s: float, eval_s: float, metrics: dict | None, sample: int | None,
+                look: Any, **scores: float) -> None:
+        record.write_look(trial, merge_s, eval_s, metrics, sample=sample, items=None if look is None else look.scored,
+                          **scores)
 
     def _time(self, start: float, merge_s: float, eval_s: float) -> None:
         self.stats.merge_s.append(merge_s)

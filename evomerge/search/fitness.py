@@ -9,6 +9,7 @@ ranks the Pareto front members for ``best/``.
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -216,11 +217,12 @@ def task_score(results: dict[str, float], weights: dict[str, float], task: str) 
 class Scorer:
     """One lm-eval evaluator, built once per process, turned into fitness values.
 
-    Multi-fidelity without paying twice: the first look scores items ``[0, n1)``
-    of each task, the rest of the look scores ``[n1, n)``, and the two are
+    Multi-fidelity without paying twice: a :class:`Look` is scored in steps (the
+    first quarter of its items, then the rest; or more steps for successive
+    halving), each step scoring only items not yet scored, and the steps are
     combined by item count. That is exact for mean-aggregated metrics (accuracy,
     exact match: every evomerge task); a task with any other aggregation is
-    re-scored in full instead, which is correct, only slower.
+    re-scored in full at each step instead, which is correct, only slower.
     """
 
     def __init__(self, evaluator: Any, spec: TaskSpec, objectives: list[str]) -> None:
@@ -261,7 +263,7 @@ class Scorer:
             var += p * (1 - p) / n[t]
         return math.sqrt(var) / len(self.spec.tasks)
 
-    # ---- two-stage scoring ---------------------------------------------------------------
+    # ---- looks in steps ---------------------------------------------------------------
     def can_split(self, split: str) -> bool:
         """Whether item ranges can be scored separately (mean-aggregated metrics, lm-eval task objects at hand)."""
         if self._incremental is None:
@@ -284,7 +286,7 @@ class Scorer:
         """Items per task that ``limit`` means (lm-eval's rule: a fraction is rounded up)."""
         return {t: _count(limit, n) for t, n in self._size(split).items()}
 
-    def score_items(self, model: Any, split: str, items: dict[str, range]) -> tuple[dict[str, dict[str, float]], float]:
+    def score_items(self, model: Any, split: str, items: dict[str, list[int]]) -> tuple[dict[str, dict[str, float]], float]:
         """Metrics over the given item indices of each task."""
         start = time.perf_counter()
         samples = {t: list(r) for t, r in items.items() if len(r)}
@@ -294,21 +296,47 @@ class Scorer:
                    for t in samples}
         return metrics, time.perf_counter() - start
 
-    def first_look(self, model: Any, split: str, limit: float | None, first: float) -> tuple[Score, dict]:
-        """Score the first items (``first``: a fraction of the look's items, or a count); :meth:`rest` completes it."""
-        n = self.counts(split, limit)
-        n1 = {t: max(1, min(n[t], _count(first, n[t]))) for t in n}
-        metrics, seconds = self.score_items(model, split, {t: range(0, n1[t]) for t in n})
-        return self._finish(metrics, seconds), {"n": n, "n1": n1, "metrics": metrics}
+    def look(self, split: str, limit: float | None, sample: int | None = None, seed: int = 0) -> "Look":
+        """A trial's look at ``split``: ``limit`` items per task, not yet scored (:meth:`extend` scores them).
 
-    def rest(self, model: Any, split: str, state: dict) -> Score:
-        n, n1, first = state["n"], state["n1"], state["metrics"]
-        metrics, seconds = self.score_items(model, split, {t: range(n1[t], n[t]) for t in n})
-        combined: dict[str, dict[str, float]] = {}
-        for t in n:
-            a, b = n1[t], n[t] - n1[t]
-            combined[t] = {m: (first[t][m] * a + metrics.get(t, {}).get(m, 0.0) * b) / (a + b) for m in first[t]}
-        return self._finish(combined, seconds)
+        ``sample``: None, the first items of each task (the same for every trial); else the number of a fresh
+        sample, drawn from the whole split by ``seed`` and ``sample`` (every trial of one sample number, on
+        any worker, scores the same items). A fresh sample is in random order, so each step's items are a
+        random part of it, where the first items of a task need not be an average sample.
+        """
+        n, size = self.counts(split, limit), self._size(split)
+        if sample is None:
+            items = {t: list(range(n[t])) for t in n}
+        else:
+            items = {t: random.Random(f"evomerge-items:{seed}:{sample}:{t}").sample(range(size[t]), n[t]) for t in n}
+        return Look(items=items, done={t: 0 for t in n}, metrics={t: {} for t in n})
+
+    def extend(self, model: Any, split: str, look: "Look", upto: float | None = None) -> Score:
+        """Score ``look``'s items up to ``upto`` (a fraction of its items or a count; None: all of them) and the
+        look so far as one Score; items already scored are not scored again. Combining step means by item
+        count is exact for mean-aggregated metrics, the only kind :meth:`can_split` admits."""
+        goal = {t: len(ix) if upto is None else max(1, min(len(ix), _count(upto, len(ix)))) for t, ix in look.items.items()}
+        new = {t: look.items[t][look.done[t]:goal[t]] for t in goal if goal[t] > look.done[t]}
+        metrics, seconds = self.score_items(model, split, new) if new else ({}, 0.0)
+        for t in new:
+            a, b, old = look.done[t], len(new[t]), look.metrics[t]
+            look.metrics[t] = {m: (old.get(m, 0.0) * a + v * b) / (a + b) for m, v in metrics.get(t, {}).items()}
+            look.done[t] = goal[t]
+        return self._finish({t: dict(m) for t, m in look.metrics.items()}, seconds)
+
+
+@dataclass
+class Look:
+    """Which items of a split a trial scores, how many of them it has scored, and their metrics so far."""
+
+    items: dict[str, list[int]]               # task -> item indices, in the order they are scored
+    done: dict[str, int]                      # task -> items scored (a prefix of ``items``)
+    metrics: dict[str, dict[str, float]]      # task -> metric -> mean over the scored items
+
+    @property
+    def scored(self) -> int:
+        """Items scored so far, over all tasks: the look's cost."""
+        return sum(self.done.values())
 
 
 def _count(limit: float | None, n: int) -> int:

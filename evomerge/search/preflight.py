@@ -21,7 +21,8 @@ _SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
 
 def check_before_study(evaluator: Any, tasks: TaskSpec, *, base: str | None, tokenizer_dir: str, genome: Any,
-                       n_trials: int, sampler: SamplerConfig, seed: int) -> None:
+                       n_trials: int, sampler: SamplerConfig, seed: int, scorer: Any = None,
+                       fresh_items: int | None = None, limit: float | None = None) -> None:
     """Raise one ConfigError listing every problem found; return quietly when there is none."""
     problems: list[str] = []
     plan = evaluator.splits
@@ -39,8 +40,24 @@ def check_before_study(evaluator: Any, tasks: TaskSpec, *, base: str | None, tok
     problems += check_sampler_options(sampler, seed)
     problems += check_budget(n_trials, list(genome.baselines()))
     problems += check_models(genome)
+    if fresh_items is not None and scorer is not None and not problems:
+        problems += check_fresh_items(scorer, fresh_items, limit)
     if problems:
         raise ConfigError("\n\n".join(problems) + "\n\nNothing was started: fix the above and run the same command again.")
+
+
+def check_fresh_items(scorer: Any, fresh_items: int, limit: float | None) -> list[str]:
+    """Fresh samples need item ranges scored separately, and a search split larger than one sample."""
+    if not scorer.can_split("search"):
+        return [f"search.fresh_items = {fresh_items}: fresh samples of search items need tasks whose metrics are means "
+                f"over items (accuracy, exact match), and one of the tasks aggregates otherwise. Set "
+                f"search.fresh_items=null."]
+    sizes, counts = scorer.counts("search", None), scorer.counts("search", limit)
+    if all(counts[t] >= sizes[t] for t in sizes):
+        return [f"search.fresh_items = {fresh_items}: search.limit = {limit} takes every item of each task's search "
+                f"split ({', '.join(f'{t}: {n}' for t, n in sizes.items())}), so every fresh sample would be the same "
+                f"items. Set search.limit below the split's size (e.g. 0.5), or search.fresh_items=null."]
+    return []
 
 
 def reported_metrics(task: Any) -> list[str]:

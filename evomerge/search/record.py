@@ -28,8 +28,12 @@ Trial user attributes (:class:`TrialRecord` reads them all):
 ``worker``         the cluster worker that runs (ran) the trial.
 ``fitness``        the search fitness: the weighted mean of the task metrics on the search split's
                    ``limit`` items; a pruned trial's: its first look put on the whole look's scale.
-``first_fitness``  a pruned trial's raw first look.
-``metrics``        task -> metric -> value of the trial's look at the search split.
+``first_fitness``  a pruned trial's raw look at the step where it was pruned (Optuna's report at that step).
+``metrics``        task -> metric -> value of the trial's look at the search split (a pruned trial's: as far
+                   as it got).
+``items``          how many search items (over all tasks) the trial scored: its evaluation cost.
+``sample``         the fresh sample of search items the trial scored (``search.fresh_items``); absent: the
+                   first ``limit`` items of each task, as every trial without it.
 ``merge_s``        seconds to apply the recipe; ``eval_s``: seconds to score it.
 ``fail_reason``    why the trial failed (or why it was failed for a dead worker).
 =================  ===================================================================================
@@ -84,6 +88,8 @@ WORKER = "worker"
 FITNESS = "fitness"
 FIRST_FITNESS = "first_fitness"
 METRICS = "metrics"
+ITEMS = "items"
+SAMPLE = "sample"
 MERGE_S = "merge_s"
 EVAL_S = "eval_s"
 FAIL_REASON = "fail_reason"
@@ -312,6 +318,8 @@ class TrialRecord:
     merge_s: float | None
     eval_s: float | None
     fail_reason: str | None
+    items: int | None = None           # search items scored (None: not recorded, before this key existed)
+    sample: int | None = None          # the fresh sample scored (None: the first items)
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> "TrialRecord":
@@ -319,7 +327,8 @@ class TrialRecord:
         return cls(number=trial.number, state=trial.state, baseline=baseline_of(trial), seed=seed_of(trial),
                    retry_of=retry_of(trial), worker=worker_of(trial), fitness=search_fitness(trial),
                    first_look=first_look(trial), metrics=metrics_of(trial), merge_s=ua.get(MERGE_S),
-                   eval_s=ua.get(EVAL_S), fail_reason=fail_reason_of(trial))
+                   eval_s=ua.get(EVAL_S), fail_reason=fail_reason_of(trial), items=ua.get(ITEMS),
+                   sample=ua.get(SAMPLE))
 
 
 def enqueue_attrs(baseline: str | None = None, seed: int | None = None, retry_of: int | None = None) -> dict[str, Any]:
@@ -341,8 +350,12 @@ def retry_attrs(trial: Any) -> dict[str, Any]:
 
 
 def write_look(trial: Any, merge_s: float, eval_s: float, metrics: dict | None, *, fitness: float | None = None,
-               first_fitness: float | None = None) -> None:
+               first_fitness: float | None = None, items: int | None = None, sample: int | None = None) -> None:
     """What the search measured of a trial, on anything with ``set_user_attr`` (the mirror's trial)."""
+    if items is not None:
+        trial.set_user_attr(ITEMS, int(items))
+    if sample is not None:
+        trial.set_user_attr(SAMPLE, int(sample))
     if first_fitness is not None:
         trial.set_user_attr(FIRST_FITNESS, first_fitness)
     if fitness is not None:

@@ -37,9 +37,14 @@ class GeneDef:
 @dataclass
 class PruningSpec:
     enabled: bool = True
-    first_look: float = 0.25      # items per task of the first look: a fraction of the look's items, or a count
-    keep: float = 75.0            # go on to the full look only from the top `keep` % of the first looks of trials that went on
+    looks: tuple[float, ...] = (0.25,)  # the steps before the whole look (config key ``first_look``): items per
+                                        # task, each a fraction of the look's items or a count, rising
+    keep: float = 75.0            # after each step go on only from the top `keep` % of that step's looks of trials that went on
     startup_trials: int = 5       # completed trials before any pruning
+
+    @property
+    def first_look(self) -> float:
+        return self.looks[0]
 
 
 @dataclass
@@ -59,6 +64,7 @@ class SearchSpec:
     limit: float | None
     random_mode: str
     pruning: PruningSpec = field(default_factory=PruningSpec)
+    fresh_items: int | None = None  # None: every trial scores the same items; N: a fresh sample every N trials
 
 
 def _where(key: str) -> str:
@@ -81,7 +87,7 @@ def parse_search(cfg: dict[str, Any] | None) -> SearchSpec:
             "task_arithmetic_math, slerp_pair, or your own conf/search/NAME.yaml)."
         )
     known = {"name", "method", "sources", "base_model", "layers_per_group", "interpolate", "modules", "edges",
-             "genes", "parameters", "textbook", "n_trials", "limit", "random_mode", "pruning"}
+             "genes", "parameters", "textbook", "n_trials", "limit", "random_mode", "pruning", "fresh_items"}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ConfigError(f"{_where(unknown[0])} is not a search setting; valid keys are {', '.join(sorted(known))}.")
@@ -159,22 +165,45 @@ def parse_search(cfg: dict[str, Any] | None) -> SearchSpec:
     random_mode = cfg.get("random_mode", "common")
     if random_mode not in RANDOM_MODES:
         raise ConfigError(f"{_where('random_mode')} = {random_mode!r}: use 'common' (one mask seed for every trial) or 'fresh'.")
-    pr = dict(cfg.get("pruning") or {})
-    bad = sorted(set(pr) - {"enabled", "first_look", "keep", "startup_trials"})
-    if bad:
-        raise ConfigError(f"{_where('pruning.' + bad[0])} is unknown; pruning takes enabled, first_look, keep, startup_trials.")
-    pruning = PruningSpec(**pr)
-    if not 0 < _num(pruning.keep, "pruning.keep") < 100:
-        raise ConfigError(f"{_where('pruning.keep')} (percent of trials that go on to the full look) must lie strictly "
-                          f"between 0 and 100.")
-    if _num(pruning.first_look, "pruning.first_look") <= 0:
-        raise ConfigError(f"{_where('pruning.first_look')} must be > 0 (a fraction of the look's items, or an item count).")
+    pruning = _pruning(dict(cfg.get("pruning") or {}))
+    fresh = cfg.get("fresh_items")
+    if fresh is not None and (isinstance(fresh, bool) or not isinstance(fresh, int) or fresh < 1):
+        raise ConfigError(f"{_where('fresh_items')} = {fresh!r}: null (every trial scores the same search items) or a "
+                          f"whole number N >= 1 (a fresh sample of the search split every N trials: a generation).")
+    if fresh is not None and limit is None:
+        raise ConfigError(f"{_where('fresh_items')} = {fresh} draws fresh samples of search.limit items, but search.limit "
+                          f"is null (every item, every time): set search.limit below the search split's size, or "
+                          f"fresh_items to null.")
     return SearchSpec(
         name=str(cfg.get("name") or method.name), method=method.name, sources=sources, base_model=base_model,
         layers_per_group=layers_per_group, interpolate=bool(cfg.get("interpolate", False)), modules=modules,
         edges=edges, genes=genes, parameters=parameters, textbook=textbook, n_trials=n_trials,
-        limit=None if limit is None else float(limit), random_mode=random_mode, pruning=pruning,
+        limit=None if limit is None else float(limit), random_mode=random_mode, pruning=pruning, fresh_items=fresh,
     )
+
+
+def _pruning(pr: dict[str, Any]) -> PruningSpec:
+    bad = sorted(set(pr) - {"enabled", "first_look", "keep", "startup_trials"})
+    if bad:
+        raise ConfigError(f"{_where('pruning.' + bad[0])} is unknown; pruning takes enabled, first_look, keep, startup_trials.")
+    looks = pr.get("first_look", PruningSpec.looks)
+    looks = list(looks) if isinstance(looks, (list, tuple)) else [looks]
+    where = _where("pruning.first_look")
+    steps = [_num(x, "pruning.first_look") for x in looks]
+    fractions = all(0 < x < 1 for x in steps)
+    if not steps or not (fractions or all(x >= 1 and x == int(x) for x in steps)) or steps != sorted(set(steps)):
+        raise ConfigError(f"{where} = {looks!r}: the items of the first look, a fraction of the look's items (0.25) or a "
+                          f"count (40); or the steps of successive looks, rising and all of one kind, e.g. "
+                          f"[0.125, 0.25, 0.5] (with keep: 50, successive halving).")
+    keep = _num(pr.get("keep", PruningSpec.keep), "pruning.keep")
+    if not 0 < keep < 100:
+        raise ConfigError(f"{_where('pruning.keep')} (percent of trials that go on after each look) must lie strictly "
+                          f"between 0 and 100.")
+    startup = pr.get("startup_trials", PruningSpec.startup_trials)
+    if isinstance(startup, bool) or not isinstance(startup, int) or startup < 0:
+        raise ConfigError(f"{_where('pruning.startup_trials')} = {startup!r}: completed trials before any pruning, a "
+                          f"whole number >= 0.")
+    return PruningSpec(enabled=bool(pr.get("enabled", True)), looks=tuple(steps), keep=keep, startup_trials=startup)
 
 
 def _param_names(method: Any) -> str:
