@@ -36,6 +36,11 @@ VARIANTS = {  # name -> (overrides, what it is)
               "no pruning, a fresh sample of the search split every 10 trials"),
     "halving_fresh": (["search.pruning.first_look=[0.125,0.25,0.5]", "search.pruning.keep=50",
                        "search.fresh_items=10"], "successive halving over fresh samples"),
+    "fresh_paired": (["search.pruning.enabled=false", "search.fresh_items=10", "search.estimator=paired"],
+                     "fresh samples, each score a paired estimate against the textbook recipe's per-item results"),
+    "halving_fresh_paired": (["search.pruning.first_look=[0.125,0.25,0.5]", "search.pruning.keep=50",
+                              "search.fresh_items=10", "search.estimator=paired"],
+                             "successive halving over fresh samples, paired estimates"),
 }
 
 

@@ -64,6 +64,10 @@ class _Items:
             out[t] = {"acc": sum(self.difficulty[t][i] < self.engine.weight for i in ix) / len(ix)}
         return out
 
+    def per_item(self, model, split, samples=None):
+        return {t: {"acc": {i: float(self.difficulty[t][i] < self.engine.weight) for i in range(n)}}
+                for t, n in SIZES.items()}
+
 
 def _scorer(engine=None):
     engine = engine or _Engine()
@@ -101,16 +105,39 @@ def test_the_default_look_is_the_first_items_and_a_fresh_sample_is_drawn_from_th
     assert len(many) > 60  # the samples cover the split
 
 
+def test_a_paired_estimate_puts_any_sample_on_the_whole_splits_scale():
+    scorer, engine = _scorer()
+    engine.weight = 0.6
+    ref = scorer.reference(engine.model, "search", "textbook")
+    assert ref.label == "textbook" and [len(ref.items[t]["acc"]) for t in SIZES] == [80, 60]
+    whole = {t: sum(v) / len(v) for t, v in ((t, ref.items[t]["acc"]) for t in SIZES)}
+    for sample in range(4):  # the reference itself: every step of every sample is its whole-split score, exactly
+        look = scorer.look("search", 0.25, sample=sample, reference=ref)
+        for upto in (0.5, None):
+            est = scorer.extend(engine.model, "search", look, upto)
+            assert est.fitness == pytest.approx(sum(whole.values()) / 2, abs=1e-12)
+    engine.weight = 0.62  # a candidate near the reference: the paired estimate varies less between samples
+    raw, paired = [], []
+    for sample in range(12):
+        raw.append(scorer.extend(engine.model, "search", scorer.look("search", 0.25, sample=sample)).fitness)
+        paired.append(scorer.extend(engine.model, "search",
+                                    scorer.look("search", 0.25, sample=sample, reference=ref)).fitness)
+    truth = sum(sum(d < 0.62 for d in scorer.evaluator.difficulty[t]) / n for t, n in SIZES.items()) / 2
+    spread = lambda xs: sum((x - truth) ** 2 for x in xs) / len(xs)  # noqa: E731
+    assert spread(paired) < spread(raw) / 3
+
+
 # ---- the loop ---------------------------------------------------------------------------------
-def _loop(family, n_trials, looks=(), fresh_items=None, keep=50.0):
+def _loop(family, n_trials, looks=(), fresh_items=None, keep=50.0, reference=False):
     g = genome(family, layers_per_group="global")
     scorer, engine = _scorer()
     study = optuna.create_study(direction="maximize")
     driver.enqueue_baselines(study, g.baselines())
     pruner = optuna.pruners.PercentilePruner(keep, n_startup_trials=3) if looks else optuna.pruners.NopPruner()
+    ref = scorer.reference(engine.model, "search", "textbook") if reference else None
     loop = driver.SearchLoop(study, lambda start: optuna.samplers.RandomSampler(seed=0), pruner, g, engine, scorer,
                              n_trials=n_trials, limit=0.5, looks=looks, fresh_items=fresh_items, seed=0,
-                             fresh_seeds=False, progress=False)
+                             reference=ref, fresh_seeds=False, progress=False)
     loop.run()
     return study, scorer
 
@@ -154,13 +181,27 @@ def test_fresh_items_give_each_generation_its_own_sample(family):
     assert all(record.TrialRecord.of(t).sample is None for t in study.get_trials())  # default: no sample recorded
 
 
+def test_the_loop_tells_the_sampler_the_paired_estimate(family):
+    """The reference is the engine's state before the loop (weight 0.5): a trial at that weight is told the
+    reference's whole-split score whatever its sample."""
+    study, scorer = _loop(family, 12, fresh_items=3, reference=True)
+    difficulty = scorer.evaluator.difficulty
+    for t in study.get_trials():
+        w = genome(family, layers_per_group="global").recipe(t.params, seed=0).models[0].parameters["weight"]
+        w = float(w[0] if isinstance(w, list) else w)
+        ref = sum(sum(d < 0.5 for d in difficulty[k]) / n for k, n in SIZES.items()) / 2
+        truth = sum(sum(d < w for d in difficulty[k]) / n for k, n in SIZES.items()) / 2
+        assert abs(t.value - truth) <= abs(t.value - ref) + 0.2  # an estimate of the candidate, not the reference
+
+
 # ---- the config -------------------------------------------------------------------------------
 def test_looks_and_fresh_items_are_read_once():
     spec = parse_search({**TIES, "pruning": {"first_look": [0.125, 0.25, 0.5], "keep": 50}, "fresh_items": 15,
                          "limit": 0.5})
     assert spec.pruning.looks == (0.125, 0.25, 0.5) and spec.pruning.first_look == 0.125 and spec.fresh_items == 15
     assert parse_search({**TIES, "pruning": {"first_look": 0.25}}).pruning.looks == (0.25,)
-    assert parse_search(TIES).fresh_items is None
+    assert parse_search(TIES).fresh_items is None and parse_search(TIES).estimator == "mean"
+    assert parse_search({**TIES, "estimator": "paired"}).estimator == "paired"
 
 
 @pytest.mark.parametrize("over,match", [
@@ -171,6 +212,7 @@ def test_looks_and_fresh_items_are_read_once():
     ({"pruning": {"startup_trials": -1}}, r"search.pruning.startup_trials"),
     ({"fresh_items": 0, "limit": 0.5}, r"search.fresh_items = 0"),
     ({"fresh_items": 5, "limit": None}, r"search.limit is null"),
+    ({"estimator": "irt"}, r"search.estimator = 'irt': use 'mean'"),
 ])
 def test_bad_item_settings_name_the_key(over, match):
     with pytest.raises(ConfigError, match=match):
@@ -201,7 +243,7 @@ def test_a_search_in_steps_over_fresh_samples_runs_end_to_end_and_records_its_it
     proc = subprocess.run(
         [sys.executable, "-m", "evomerge.run.app", "+search=ties_math", "search.n_trials=14", "search.limit=40",
          "search.pruning.first_look=[0.25,0.5]", "search.pruning.keep=50", "search.pruning.startup_trials=2",
-         "search.fresh_items=4", "search.layers_per_group=global", "sampler=random", "progress=false",
+         "search.fresh_items=4", "search.estimator=paired", "search.layers_per_group=global", "sampler=random", "progress=false",
          "final.top_k=1", "final.export_model=false", "final.score_cache=null", f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, timeout=900, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -218,3 +260,10 @@ def test_a_search_in_steps_over_fresh_samples_runs_end_to_end_and_records_its_it
     assert [int(r["sample"]) for r in rows] == [r.sample for r in recs]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best"]["test_fitness"] is not None and summary["trials"]["PRUNED"] == len(pruned)
+    # the paired estimate: the reference (textbook) scored on every search item once, kept in the study; told
+    # to the sampler on its 40-item sample, it is its score over every search item, as the final step measured
+    ref = record.reference_of(study)
+    sizes = {t: rec["search"]["n"] for t, rec in json.loads((run_dir / "splits.json").read_text())["tasks"].items()}
+    assert ref.label == "textbook" and {t: len(ms["acc"]) for t, ms in ref.items.items()} == sizes
+    textbook = summary["baselines"]["textbook"]
+    assert textbook["search_fitness"] == pytest.approx(textbook["search_full_fitness"], abs=1e-9)

@@ -285,15 +285,37 @@ class Evaluator:
         Why: two merges scored on the same items are compared by their per-item differences (a paired
         test), whose noise is a fraction of two independent samples' when the models mostly agree.
         """
+        per_item = self.per_item(model, split)
+        return {t: [v for _, v in sorted(ms[metric].items())] for t, ms in per_item.items()}
+
+    def per_item(self, model, split: str = "search",
+                 samples: dict[str, list[int]] | None = None) -> dict[str, dict[str, dict[int, float]]]:
+        """task name -> metric -> item index -> value, for every item of ``split`` (or ``samples``'s).
+
+        Metric names as :meth:`evaluate` gives them (``m``, or ``m,filter`` when two filters report ``m``),
+        so a task's mean over items of a per-item value is the value :meth:`evaluate` reports.
+        """
         from lm_eval.evaluator import evaluate
 
+        task_dict = self.task_dict(split)
+        if samples is not None:
+            task_dict = {**task_dict, "tasks": {t: task_dict["tasks"][t] for t in samples}}
         lm = self.lm(model)
         model.eval()
         with no_request_bars():
-            out = evaluate(lm=lm, task_dict=self.task_dict(split), bootstrap_iters=0, log_samples=True,
+            out = evaluate(lm=lm, task_dict=task_dict, samples=samples, bootstrap_iters=0, log_samples=True,
                            cache_requests=False, **self.prompt_options)
-        return {t: [float(s[metric]) for s in sorted(rows, key=lambda s: s["doc_id"])]
-                for t, rows in out["samples"].items()}
+        result: dict[str, dict[str, dict[int, float]]] = {}
+        for t, rows in out["samples"].items():
+            filters = {r.get("filter", "none") for r in rows}
+            per: dict[str, dict[int, float]] = {}
+            for r in rows:
+                for m in r.get("metrics", []):
+                    if isinstance(r.get(m), (int, float)):
+                        name = m if len(filters) == 1 else f"{m},{r.get('filter', 'none')}"
+                        per.setdefault(name, {})[int(r["doc_id"])] = float(r[m])
+            result[t] = per
+        return result
 
 
 def _reuse_requests(task: Any) -> None:

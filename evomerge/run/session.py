@@ -79,7 +79,8 @@ class SearchSession:
         check_before_study(self.scorer.evaluator, self.tasks, base=models.base or next(iter(self.sources.values())),
                            tokenizer_dir=self.tokenizer_dir,
                            genome=self.genome, n_trials=spec.n_trials, sampler=self.config.sampler, seed=seed,
-                           scorer=self.scorer, fresh_items=spec.fresh_items, limit=spec.limit)
+                           scorer=self.scorer, fresh_items=spec.fresh_items, limit=spec.limit,
+                           estimator=spec.estimator)
         self.warm = warm_points(self.config.warm_start, self.genome)  # its errors, too, come first
 
     def _evaluator(self) -> Any:
@@ -101,7 +102,7 @@ class SearchSession:
         lay = self.genome.layout
         return record.StudyManifest(
             fingerprint=self.genome.fingerprint() + "/" + _fitness_key(self.tasks, self.objectives, self.spec.limit,
-                                                                       self.spec.fresh_items),
+                                                                       self.spec.fresh_items, self.spec.estimator),
             search=self.search_cfg, sources=self.sources, base=self.models.base, seed=self.genome.seed,
             layout={"n_layers": lay.n_layers, "pre": list(lay.pre), "post": list(lay.post),
                     "layer_names": list(lay.layer_names)},
@@ -173,9 +174,11 @@ class SearchSession:
             budget, stats, outcome = coord.budget(study, n_trials), driver.LoopStats(), Outcome()
             start = time.perf_counter()
             if budget.finished() < n_trials:
+                reference = self._reference(study, get_engine())
                 loop = driver.SearchLoop(study, self.sampler_for, self.pruner, self.genome, get_engine(), self.scorer,
                                          n_trials=n_trials, limit=self.spec.limit, looks=self.looks,
-                                         fresh_items=self.spec.fresh_items, seed=self.genome.seed,
+                                         fresh_items=self.spec.fresh_items, reference=reference,
+                                         seed=self.genome.seed,
                                          fresh_seeds=self.spec.random_mode == "fresh", progress=self.progress,
                                          budget=budget)
                 stats = loop.run()
@@ -202,6 +205,22 @@ class SearchSession:
         driver.enqueue_baselines(study, self.genome.baselines())
         if self.warm:
             driver.enqueue_baselines(study, {w.label: w.params for w in self.warm}, {w.label: w.seed for w in self.warm})
+
+    def _reference(self, study: optuna.Study, engine: Any) -> record.ReferenceScores | None:
+        """``search.estimator: paired``: the reference's metrics on every search item, scored once per study
+        (before its first searched trial) and kept in it. The reference is the textbook recipe (the first of
+        them in a method-gene search), else the first baseline: a merge near the candidates, so that the
+        per-item differences are small."""
+        if self.spec.estimator != "paired":
+            return None
+        ref = record.reference_of(study)
+        if ref is None:
+            baselines = self.genome.baselines()
+            label = next((b for b in baselines if b.split(":")[0] == "textbook"), next(iter(baselines)))
+            engine.apply(self.genome.recipe(baselines[label], seed=self.genome.seed))
+            ref = self.scorer.reference(engine.model, "search", label)
+            record.set_reference(study, ref)
+        return ref
 
     def _rescore(self, study: optuna.Study, get_engine: Any) -> FinalResult:
         final = self.config.final
@@ -367,12 +386,14 @@ def _best_baseline(final: FinalResult) -> dict[str, Any] | None:
             "best_test_fitness": max(c.test for c in scored)}  # type: ignore[type-var]
 
 
-def _fitness_key(tasks: TaskSpec, objectives: list[str], limit: float | None, fresh_items: int | None = None) -> str:
+def _fitness_key(tasks: TaskSpec, objectives: list[str], limit: float | None, fresh_items: int | None = None,
+                 estimator: str = "mean") -> str:
     import hashlib
     import json
 
     blob = json.dumps({"tasks": tasks.tasks, "objectives": objectives, "limit": limit, **tasks.options_key(),
-                       **({"fresh_items": fresh_items} if fresh_items is not None else {})}, sort_keys=True)
+                       **({"fresh_items": fresh_items} if fresh_items is not None else {}),
+                       **({"estimator": estimator} if estimator != "mean" else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

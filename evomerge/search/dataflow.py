@@ -51,7 +51,7 @@ from evomerge.search.spec import SearchSpec, parse_search
 SPACE = "dataflow"
 SCALED = ("self_attn.o_proj", "mlp.down_proj")  # the layer's writes into the residual stream
 KEYS = {"space", "repeats", "scale", "logit", "frankenmerge", "parameter_space"}
-SHARED = {"name", "method", "sources", "n_trials", "limit", "pruning", "fresh_items"}  # the keys every search has
+SHARED = {"name", "method", "sources", "n_trials", "limit", "pruning", "fresh_items", "estimator"}  # the keys every search has
 PS_SOURCE = "ps"  # the source name of the parameter-space winner in a combined search
 
 

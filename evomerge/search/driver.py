@@ -40,6 +40,8 @@ from evomerge.search.storage import heartbeat_enabled
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
 
+    from evomerge.search.fitness import Score
+
     from evomerge.search.mirror import Mirror, MirroredTrial
 
 MAX_CONSECUTIVE_FAILURES = 5
@@ -249,6 +251,23 @@ class LoopStats:
                 "total_s": round(t, 4), "sum_s": round(sum(self.total_s), 3)}
 
 
+class TrialScorer(Protocol):
+    """What the loop asks of a scorer (search/fitness.py's ``Scorer``; tests give stand-ins)."""
+
+    def can_split(self, split: str) -> bool:
+        """Whether a look can be scored in steps over item lists (else each step is scored from the first item)."""
+
+    def look(self, split: str, limit: float | None, sample: int | None = None, seed: int = 0,
+             reference: record.ReferenceScores | None = None) -> Any:
+        """A trial's items, not yet scored."""
+
+    def extend(self, model: Any, split: str, look: Any, upto: float | None = None) -> Score:
+        """Score the look up to ``upto`` (None: all of it); the look so far as one Score."""
+
+    def score(self, model: Any, split: str, limit: float | None) -> Score:
+        """The first ``limit`` items, at once."""
+
+
 class SearchLoop:
     """Runs trials while ``budget`` lets it start one (or until Ctrl-C); by default one process's
     :class:`LocalBudget`. ``ran``: the trials it started; ``taken_over``: those another worker failed under it.
@@ -257,19 +276,21 @@ class SearchLoop:
     the look's items or a count; empty: no pruning). After step ``k`` the trial reports at step ``k`` and the
     pruner may stop it. ``fresh_items``: trial ``n`` scores fresh sample ``n // fresh_items`` of the search split
     (None: every trial the same first items), so no generation fits the items the previous ones were chosen on.
+    ``reference``: every look is a paired estimate over the whole search split (search/fitness.py, ``Look``).
     """
 
     def __init__(self, study: optuna.Study, sampler_for: Any, pruner: optuna.pruners.BasePruner,
-                 genome: Any, engine: Any, scorer: Any, *, n_trials: int, limit: float | None,
+                 genome: Any, engine: Any, scorer: TrialScorer, *, n_trials: int, limit: float | None,
                  seed: int, fresh_seeds: bool, looks: tuple[float, ...] = (), fresh_items: int | None = None,
-                 progress: bool = True, budget: Budget | None = None) -> None:
+                 reference: record.ReferenceScores | None = None, progress: bool = True,
+                 budget: Budget | None = None) -> None:
         from evomerge.search.mirror import Mirror
 
         self.study, self.genome, self.engine, self.scorer = study, genome, engine, scorer
         self.mirror = Mirror(study, sampler_for, pruner)
         self.budget = budget if budget is not None else LocalBudget(study, n_trials)
         self.n_trials, self.limit, self.looks, self.fresh_items = n_trials, limit, tuple(looks), fresh_items
-        self.seed, self.fresh_seeds, self.progress = seed, fresh_seeds, progress
+        self.seed, self.fresh_seeds, self.progress, self.reference = seed, fresh_seeds, progress, reference
         # the space: fixed distributions, or define-by-run (a conditional space: search/method_space.py)
         self.dists = genome.suggest if getattr(genome, "conditional", False) else genome.distributions()
         self.stats = LoopStats()
@@ -338,7 +359,7 @@ class SearchLoop:
                 steps = self.looks if baseline is None else ()  # a baseline is always scored whole
                 look = None
                 if self.scorer.can_split("search"):
-                    look = self.scorer.look("search", self.limit, sample, seed=self.seed)
+                    look = self.scorer.look("search", self.limit, sample, seed=self.seed, reference=self.reference)
                     score_at: Callable[[float | None], Any] = lambda upto: self.scorer.extend(
                         self.engine.model, "search", look, upto)
                 else:  # an evaluator that scores only a limit: each step from the first item (correct, slower)

@@ -52,7 +52,7 @@ SPACE = "auto"
 ENCODINGS = ("auto", "conditional", "flat")
 KEYS = {"space", "methods", "per_method", "encoding"}
 SHARED = {"name", "sources", "layers_per_group", "interpolate", "modules", "edges", "n_trials", "limit",
-          "random_mode", "pruning", "fresh_items"}
+          "random_mode", "pruning", "fresh_items", "estimator"}
 OWN = ("method", "genes", "parameters", "textbook", "base_model")  # what a per_method entry contributes
 ENTRY_KEYS = SHARED | set(OWN)  # an entry is a one-method search config; its shared keys are not read
 METHOD = "method"         # the conditional encoding's categorical gene

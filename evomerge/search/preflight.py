@@ -22,7 +22,7 @@ _SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
 def check_before_study(evaluator: Any, tasks: TaskSpec, *, base: str | None, tokenizer_dir: str, genome: Any,
                        n_trials: int, sampler: SamplerConfig, seed: int, scorer: Any = None,
-                       fresh_items: int | None = None, limit: float | None = None) -> None:
+                       fresh_items: int | None = None, limit: float | None = None, estimator: str = "mean") -> None:
     """Raise one ConfigError listing every problem found; return quietly when there is none."""
     problems: list[str] = []
     plan = evaluator.splits
@@ -42,6 +42,10 @@ def check_before_study(evaluator: Any, tasks: TaskSpec, *, base: str | None, tok
     problems += check_models(genome)
     if fresh_items is not None and scorer is not None and not problems:
         problems += check_fresh_items(scorer, fresh_items, limit)
+    if estimator == "paired" and scorer is not None and not problems and not scorer.can_split("search"):
+        problems.append("search.estimator = paired puts a look on the whole search split's scale by per-item "
+                        "results, and one of the tasks aggregates its items otherwise than by their mean. Set "
+                        "search.estimator=mean.")
     if problems:
         raise ConfigError("\n\n".join(problems) + "\n\nNothing was started: fix the above and run the same command again.")
 

@@ -14,6 +14,8 @@ Study user attributes:
 ``objectives``     the objective names, one per study direction. Written by every session.
 ``final:<N>``      :class:`FinalScores` of trial ``N``: its re-scoring at the end of the search.
 ``winner``         the number of the trial the last final step chose.
+``reference``      :class:`ReferenceScores`: a baseline's metrics on every search item (``search.estimator:
+                   paired``), written once, before the first searched trial.
 =================  ===================================================================================
 
 Study system attribute ``evomerge:final``: the :class:`ExportClaim` (which cluster worker does, or did,
@@ -79,6 +81,7 @@ MANIFEST = "evomerge"              # study user attribute: StudyManifest
 OBJECTIVES = "objectives"          # study user attribute: list of objective names
 FINAL_PREFIX = "final:"            # study user attribute per trial: FinalScores
 WINNER = "winner"                  # study user attribute: a trial number
+REFERENCE = "reference"            # study user attribute: ReferenceScores
 EXPORT_CLAIM = "evomerge:final"    # study system attribute: ExportClaim
 
 BASELINE = "baseline"              # trial user attributes (see the table above)
@@ -194,6 +197,27 @@ def winner_of(study: optuna.Study) -> int | None:
 
 def set_winner(study: optuna.Study, number: int) -> None:
     study.set_user_attr(WINNER, int(number))
+
+
+@dataclass(frozen=True)
+class ReferenceScores:
+    """A reference recipe's per-item metrics on every item of the search split (study attribute ``reference``):
+    what puts a look at a few items on the whole split's scale (search/fitness.py, ``Look``)."""
+
+    label: str                                  # the baseline it is
+    items: dict[str, dict[str, list[float]]]    # task -> metric -> value of each item, by item index
+
+
+def reference_of(study: optuna.Study) -> ReferenceScores | None:
+    raw = study.user_attrs.get(REFERENCE)
+    if not raw:
+        return None
+    return ReferenceScores(label=str(raw["label"]),
+                           items={t: {m: [float(v) for v in vs] for m, vs in ms.items()} for t, ms in raw["items"].items()})
+
+
+def set_reference(study: optuna.Study, ref: ReferenceScores) -> None:
+    study.set_user_attr(REFERENCE, {"label": ref.label, "items": ref.items})
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from evomerge.errors import ConfigError, EvomergeError
 
 EDGE_RULES = ("follow", "own")
 RANDOM_MODES = ("common", "fresh")
+ESTIMATORS = ("mean", "paired")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class SearchSpec:
     random_mode: str
     pruning: PruningSpec = field(default_factory=PruningSpec)
     fresh_items: int | None = None  # None: every trial scores the same items; N: a fresh sample every N trials
+    estimator: str = "mean"         # mean: a look's score is its items' mean; paired: put on the whole split's
+                                    # scale by a baseline's per-item results (search/fitness.py, Look.estimate)
 
 
 def _where(key: str) -> str:
@@ -87,7 +90,8 @@ def parse_search(cfg: dict[str, Any] | None) -> SearchSpec:
             "task_arithmetic_math, slerp_pair, or your own conf/search/NAME.yaml)."
         )
     known = {"name", "method", "sources", "base_model", "layers_per_group", "interpolate", "modules", "edges",
-             "genes", "parameters", "textbook", "n_trials", "limit", "random_mode", "pruning", "fresh_items"}
+             "genes", "parameters", "textbook", "n_trials", "limit", "random_mode", "pruning", "fresh_items",
+             "estimator"}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ConfigError(f"{_where(unknown[0])} is not a search setting; valid keys are {', '.join(sorted(known))}.")
@@ -174,11 +178,16 @@ def parse_search(cfg: dict[str, Any] | None) -> SearchSpec:
         raise ConfigError(f"{_where('fresh_items')} = {fresh} draws fresh samples of search.limit items, but search.limit "
                           f"is null (every item, every time): set search.limit below the search split's size, or "
                           f"fresh_items to null.")
+    estimator = cfg.get("estimator", "mean")
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"{_where('estimator')} = {estimator!r}: use 'mean' (a look scores its items' mean) or "
+                          f"'paired' (put on the whole search split's scale by a baseline's per-item results).")
     return SearchSpec(
         name=str(cfg.get("name") or method.name), method=method.name, sources=sources, base_model=base_model,
         layers_per_group=layers_per_group, interpolate=bool(cfg.get("interpolate", False)), modules=modules,
         edges=edges, genes=genes, parameters=parameters, textbook=textbook, n_trials=n_trials,
         limit=None if limit is None else float(limit), random_mode=random_mode, pruning=pruning, fresh_items=fresh,
+        estimator=estimator,
     )
 
 
