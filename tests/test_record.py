@@ -183,6 +183,9 @@ class _Scorer:
     def fitness_se(self, metrics, split, limit):
         return 0.01
 
+    def can_split(self, split):  # no per-item scores: the stored format without chosen_items
+        return False
+
 
 class _Engine:
     model = 0.0

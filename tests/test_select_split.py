@@ -175,3 +175,40 @@ def test_a_search_with_select_items_chooses_there_and_says_so(tiny_zoo, tmp_path
 
     rows = {int(r["number"]): r for r in csv.DictReader((run_dir / "trials.csv").open())}
     assert all(float(rows[c["trial"]]["select_fitness"]) == pytest.approx(c["select_fitness"]) for c in everyone)
+    # the select split was scored item by item: the winner rule weighed a paired difference, and says so
+    comp = summary["comparison"]
+    assert comp["paired"] is True and comp["on"] == "select" and comp["se"] > 0 and "paired" in summary["winner_rule"]
+    import optuna
+
+    from evomerge.search import record
+
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{run_dir / 'study.db'}")
+    final = record.final_scores(study)[best["trial"]]
+    assert {t: len(v) for t, v in final.chosen_items.items()} == {t: 40 for t in splits}
+    assert sum(sum(v) / len(v) for v in final.chosen_items.values()) / len(splits) == pytest.approx(best["select_fitness"])
+
+
+def test_the_margin_is_paired_over_the_same_items_where_both_kept_them():
+    """Two recipes that differ on 6 of 200 items, always the candidate's way: an unpaired margin (each one's own
+    binomial noise) calls a 0.03 gain noise; paired over the same items its standard error is 0.012."""
+    from evomerge.search.fitness import paired_se
+    from evomerge.search.winner import comparison, margin_of
+
+    base_items = [1.0] * 150 + [0.0] * 50
+    cand_items = [1.0] * 156 + [0.0] * 44  # the baseline's right answers, and 6 more
+    base = _cand(0, search=0.75, full=0.75, select=0.75, baseline="textbook")
+    cand = _cand(5, search=0.78, full=0.78, select=0.78)
+    base.se = cand.se = (0.75 * 0.25 / 200) ** 0.5  # about 0.031 each: unpaired, the difference's SE is 0.043
+    assert choose([cand], [base], margin_se=1.0).number == 0
+    base.items, cand.items = {"t": base_items}, {"t": cand_items}
+    d = [c - b for c, b in zip(cand_items, base_items)]
+    mean = sum(d) / 200
+    assert paired_se(cand.items, base.items) == pytest.approx((sum((x - mean) ** 2 for x in d) / 199 / 200) ** 0.5)
+    assert margin_of(cand, base) == pytest.approx(0.0121, abs=1e-4)
+    assert choose([cand], [base], margin_se=1.0).number == 5
+    assert comparison([cand], [base]) == {"searched": "trial 5", "baseline": "textbook", "on": "select",
+                                          "difference": pytest.approx(0.03), "se": pytest.approx(0.0121, abs=1e-4),
+                                          "paired": True}
+    base.items = {"t": base_items[:100]}  # items that do not line up: the unpaired margin again
+    assert paired_se(cand.items, base.items) is None and choose([cand], [base], margin_se=1.0).number == 0
+    assert comparison([cand], [base])["paired"] is False

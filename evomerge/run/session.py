@@ -295,7 +295,9 @@ class SearchSession:
             "best_baseline": _best_baseline(final),
             "winner_rule": (f"the best searched recipe if its {chosen}-split fitness beats the best baseline's by more "
                             f"than {self.config.final.margin_se:g} standard error(s) of the "
-                            f"difference, else that baseline; the test split is never used to choose"),
+                            f"difference (paired over the same items where both were scored item by item), else "
+                            f"that baseline; the test split is never used to choose"),
+            "comparison": final.comparison,
             "split_roles": {"search": "optimised", **({"select": "chose the winner"} if chosen == "select" else {}),
                             "test": "reported only"},
             "top": [c.as_dict() for c in final.candidates], "pareto_front": final.front,
@@ -428,6 +430,11 @@ def _print_summary(s: dict[str, Any], run_dir: Path) -> None:
     print("  (search: the search-time sample, optimised; search*: every search item; "
           + ("select: never optimised, chose the winner; " if select else "")
           + "test: held out, reported only, never used to choose)")
+    comp = s.get("comparison")
+    if comp:
+        se = "n/a" if comp["se"] is None else f"{comp['se']:.4f}" + (" paired" if comp["paired"] else " unpaired")
+        print(f"  winner rule: {comp['searched']} vs {comp['baseline']} on {comp['on']}: {comp['difference']:+.4f} "
+              f"(standard error {se})")
     pc = s["timings"].get("per_candidate") or {}
     if pc:
         print(f"  per candidate: merge {pc['merge_s']:.2f} s, evaluation {pc['eval_s']:.2f} s, overhead {pc['overhead_s']:.3f} s")

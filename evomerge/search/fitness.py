@@ -245,6 +245,20 @@ class Scorer:
         metrics = {t: {k: float(v) for k, v in raw[t].items() if isinstance(v, (int, float))} for t in self.spec.tasks}
         return self._finish(metrics, time.perf_counter() - start)
 
+    def score_per_item(self, model: Any, split: str) -> tuple[Score, dict[str, list[float]]]:
+        """Every item of ``split``: the Score, and each item's task score (its metrics weighted as the task's
+        are) per task in item order, for paired comparisons. Only for mean-aggregated metrics
+        (:meth:`can_split`), where the mean of the per-item values is the task's metric."""
+        start = time.perf_counter()
+        per_item = self.evaluator.per_item(model, split)
+        metrics, items = {}, {}
+        for t, weights in self.spec.tasks.items():
+            by_metric = per_item[t]
+            ids = sorted(next(iter(by_metric.values())))
+            metrics[t] = {m: sum(v.values()) / len(v) for m, v in by_metric.items()}
+            items[t] = [task_score({m: v[i] for m, v in by_metric.items()}, weights, t) for i in ids]
+        return self._finish(metrics, time.perf_counter() - start), items
+
     def fitness_se(self, metrics: dict[str, dict[str, float]], split: str, limit: float | None) -> float | None:
         """Standard error of a fitness measured on ``limit`` items, when every metric is a per-item 0/1 score.
 
@@ -370,6 +384,24 @@ class Look:
     def scored(self) -> int:
         """Items scored so far, over all tasks: the look's cost."""
         return sum(self.done.values())
+
+
+def paired_se(a: dict[str, list[float]], b: dict[str, list[float]]) -> float | None:
+    """Standard error of fitness(a) - fitness(b) from the two models' per-item task scores on the same items
+    (fitness: the mean over tasks of each task's mean); None when the items do not line up.
+
+    Why paired: two merges of the same models agree on most items, so the noise of their difference is the
+    noise of the items they disagree on, a fraction of two independent samples' (the unpaired margin kept
+    textbook TIES over recipes 0.03 better on test).
+    """
+    if set(a) != set(b) or not a or any(len(a[t]) != len(b[t]) or len(a[t]) < 2 for t in a):
+        return None
+    var = 0.0
+    for t in a:
+        d = [x - y for x, y in zip(a[t], b[t])]
+        mean = sum(d) / len(d)
+        var += sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)
+    return math.sqrt(var) / len(a)
 
 
 def _count(limit: float | None, n: int) -> int:

@@ -158,12 +158,14 @@ class FinalScores:
     search_full_metrics: dict[str, dict[str, float]] | None = None
     select: float | None = None        # the select split (the one that chooses the winner)
     select_metrics: dict[str, dict[str, float]] | None = None
+    chosen_items: dict[str, list[float]] | None = None  # task -> each item's task score on the split that
+                                       # chooses (select, else search_full), in item order: the paired margin
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FinalScores":
         return cls(test=d.get("test"), test_metrics=d.get("test_metrics") or {}, test_values=d.get("test_values") or [],
                    search_full=d.get("search_full"), search_full_metrics=d.get("search_full_metrics"),
-                   select=d.get("select"), select_metrics=d.get("select_metrics"))
+                   select=d.get("select"), select_metrics=d.get("select_metrics"), chosen_items=d.get("chosen_items"))
 
     def as_dict(self) -> dict[str, Any]:
         """The stored shape: a split that was not scored has no keys at all."""
@@ -172,6 +174,8 @@ class FinalScores:
             out.update(search_full=self.search_full, search_full_metrics=self.search_full_metrics)
         if self.select is not None:
             out.update(select=self.select, select_metrics=self.select_metrics)
+        if self.chosen_items is not None:
+            out.update(chosen_items=self.chosen_items)
         out.update(test=self.test, test_metrics=self.test_metrics, test_values=self.test_values)
         return out
 

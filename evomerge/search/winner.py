@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from evomerge.search import record
+from evomerge.search.fitness import paired_se
 from evomerge.search.record import FinalScores
 from evomerge.search.score_cache import ScoreCache
 
@@ -42,6 +43,7 @@ class Candidate:
     test_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     test_values: list[float] = field(default_factory=list)
     select: float | None = None  # fitness on the select split (None: no select split)
+    items: dict[str, list[float]] | None = None  # per-item task scores where it is chosen (None: not kept)
 
     @property
     def selection(self) -> float:
@@ -66,6 +68,7 @@ class Candidate:
         scores = scores or FinalScores()
         self.search_full, self.select, self.test = scores.search_full, scores.select, scores.test
         self.test_metrics, self.test_values = scores.test_metrics, scores.test_values
+        self.items = scores.chosen_items
         return self
 
 
@@ -76,6 +79,7 @@ class FinalResult:
     baselines: list[Candidate]
     front: list[int]           # Pareto front trial numbers (multi-objective)
     seconds: float
+    comparison: dict[str, Any] | None = None  # the best searched against the best baseline (:func:`comparison`)
 
 
 def candidate(t: FrozenTrial, seed: int) -> Candidate:
@@ -106,6 +110,30 @@ def select(study: optuna.Study, top_k: int, seed: int = 0) -> tuple[list[Candida
     return [candidate(t, seed) for t in top], list(baselines.values()), front
 
 
+def margin_of(best: Candidate, base: Candidate) -> float | None:
+    """The standard error of ``best.selection - base.selection``: paired over the items both were scored on
+    where both kept their per-item scores, else from each one's own standard error; None if unknown."""
+    if best.items is not None and base.items is not None:
+        se = paired_se(best.items, base.items)
+        if se is not None:
+            return se
+    if best.se is not None and base.se is not None:
+        return (best.se ** 2 + base.se ** 2) ** 0.5
+    return None
+
+
+def comparison(top: list[Candidate], baselines: list[Candidate]) -> dict[str, Any] | None:
+    """What the winner rule weighed: the best searched candidate against the best baseline where they are
+    chosen, the difference and its standard error (paired or not), for the summary and the report."""
+    best = max((c for c in top if c.test is not None), key=lambda c: c.selection, default=None)
+    base = max((c for c in baselines if c.test is not None), key=lambda c: c.selection, default=None)
+    if best is None or base is None:
+        return None
+    paired = best.items is not None and base.items is not None and paired_se(best.items, base.items) is not None
+    return {"searched": best.label, "baseline": base.label, "on": best.chosen_on,
+            "difference": best.selection - base.selection, "se": margin_of(best, base), "paired": paired}
+
+
 def choose(top: list[Candidate], baselines: list[Candidate], margin_se: float) -> Candidate | None:
     """The best searched candidate if it beats the best baseline by more than the noise, else that baseline."""
     scored_top = [c for c in top if c.test is not None]
@@ -114,9 +142,8 @@ def choose(top: list[Candidate], baselines: list[Candidate], margin_se: float) -
     base = max(scored_base, key=lambda c: c.selection, default=None)
     if best is None or base is None:
         return best or base
-    margin = 0.0
-    if margin_se > 0 and best.se is not None and base.se is not None:
-        margin = margin_se * (best.se ** 2 + base.se ** 2) ** 0.5
+    se = margin_of(best, base) if margin_se > 0 else None
+    margin = 0.0 if se is None else margin_se * se
     return best if best.selection - base.selection > margin else base
 
 
@@ -128,7 +155,9 @@ def rescore(study: optuna.Study, genome: Any, get_engine: Any, scorer: Any, *, t
 
     ``get_engine()`` builds the prepared merge only if some candidate still needs scoring. A searched
     candidate wins over the best baseline only when its advantage where it is chosen exceeds ``margin_se``
-    standard errors of the difference: a hand-made recipe is kept unless the evidence says otherwise.
+    standard errors of the difference: a hand-made recipe is kept unless the evidence says otherwise. The
+    split that chooses is scored item by item (mean-aggregated metrics), so that standard error is the
+    paired one, over the same items (:func:`margin_of`).
     ``rescore_search`` still re-scores every search item when there is a select split: the search/select
     gap is then measured, not guessed. ``cache`` (see score_cache.py) serves full-split scores that another
     run already computed.
@@ -142,29 +171,36 @@ def rescore(study: optuna.Study, genome: Any, get_engine: Any, scorer: Any, *, t
         recipe = genome.recipe(c.params, seed=c.seed)
         applied = False
 
-        def full_split(split: str) -> dict[str, Any]:
+        def full_split(split: str, per_item: bool = False) -> dict[str, Any]:
             nonlocal applied
+            per_item = per_item and scorer.can_split(split)
             hit = cache.get(recipe, split) if cache is not None else None
-            if hit is not None:
+            if hit is not None and (not per_item or hit.get("items") is not None):
                 return hit
             if not applied:
                 get_engine().apply(recipe)
                 applied = True
-            s = scorer.score(get_engine().model, split, None)
-            rec = {"fitness": s.fitness, "metrics": s.metrics, "values": s.values}
+            if per_item:  # the split that chooses: each item's score too, for the paired margin
+                s, items = scorer.score_per_item(get_engine().model, split)
+                rec = {"fitness": s.fitness, "metrics": s.metrics, "values": s.values, "items": items}
+            else:
+                s = scorer.score(get_engine().model, split, None)
+                rec = {"fitness": s.fitness, "metrics": s.metrics, "values": s.values}
             if cache is not None:
                 cache.put(recipe, split, rec)
             return rec
 
-        full = full_split("search") if rescore_search and search_limit is not None else None
-        chosen = full_split("select") if select_split else None
+        full = (full_split("search", per_item=not select_split)
+                if rescore_search and search_limit is not None else None)
+        chosen = full_split("select", per_item=True) if select_split else None
         test = full_split("test")
+        items = (chosen or full or {}).get("items")
         record.set_final_scores(study, c.number, FinalScores(
             test=test["fitness"], test_metrics=test["metrics"], test_values=test["values"],
             search_full=None if full is None else full["fitness"],
             search_full_metrics=None if full is None else full["metrics"],
             select=None if chosen is None else chosen["fitness"],
-            select_metrics=None if chosen is None else chosen["metrics"]))
+            select_metrics=None if chosen is None else chosen["metrics"], chosen_items=items))
     scored = record.final_scores(study)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     for c in everyone:
@@ -184,4 +220,4 @@ def rescore(study: optuna.Study, genome: Any, get_engine: Any, scorer: Any, *, t
     if winner is not None:
         record.set_winner(study, winner.number)
     return FinalResult(winner=winner, candidates=top, baselines=baselines, front=front,
-                       seconds=time.perf_counter() - start)
+                       seconds=time.perf_counter() - start, comparison=comparison(top, baselines))
