@@ -66,8 +66,10 @@ def test_end_to_end_writes_every_output(e2e):
     assert summary["trials"]["finished"] == 9
     best, bb = summary["best"], summary["best_baseline"]
     # the winner never loses to a hand-made recipe on the search split, and holds up on the held-out test split
-    def selection(c):  # what the winner is chosen by: every search item when re-scored, else the search sample
-        return c["search_full_fitness"] if c["search_full_fitness"] is not None else c["search_fitness"]
+    def selection(c):  # what the winner is chosen by: the tiny zoo's select items (models.select), where it has them
+        return next(c[k] for k in ("select_fitness", "search_full_fitness", "search_fitness") if c[k] is not None)
+
+    assert summary["split_roles"]["select"] == "chose the winner"
 
     assert selection(best) >= max(selection(b) for b in summary["baselines"].values())
     assert best["test_fitness"] >= bb["best_test_fitness"] - 1e-9, summary

@@ -86,7 +86,7 @@ def parse_search(cfg: dict[str, Any] | None) -> SearchSpec:
 
     if not cfg:
         raise ConfigError(
-            "no search selected: run e.g. `evomerge +search=ties_math` (groups: ties_math, dare_ties_math, "
+            "no search selected: run e.g. `evomerge +search=auto_math` (groups: auto_math, ties_math, dare_ties_math, "
             "task_arithmetic_math, slerp_pair, or your own conf/search/NAME.yaml)."
         )
     known = {"name", "method", "sources", "base_model", "layers_per_group", "interpolate", "modules", "edges",
