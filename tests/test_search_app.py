@@ -133,8 +133,8 @@ def test_another_run_takes_the_baselines_full_scores_from_the_cache(e2e):
     run_dir, _, _ = e2e
     cache = run_dir.parent / "scores"
     entries = {p: p.stat().st_mtime_ns for p in cache.rglob("*.json")}
-    # 2 top candidates + 3 baselines, each on the full search and test splits
-    assert len(entries) == 2 * 5, sorted(entries)
+    # 2 top candidates + 3 baselines, each on the full search, select (the tiny zoo's) and test splits
+    assert len(entries) == 3 * 5, sorted(entries)
     other = run_dir.parent / "other"  # a new study: only the three baselines, scored by the cache
     proc = _app(other, *SMALL, "search.n_trials=3", f"final.score_cache={cache}", "final.export_model=false")
     assert proc.returncode == 0, proc.stderr[-3000:]

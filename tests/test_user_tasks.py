@@ -266,7 +266,7 @@ def test_bad_tasks_configs_name_the_key(cfg, needle):
 
 # ---- the Hydra command line, through the real app ------------------------------------------------------
 def _composed(*overrides: str) -> dict:
-    proc = subprocess.run([*APP, "+search=ties_math", *overrides, "--cfg", "job"], capture_output=True, text=True,
+    proc = subprocess.run([*APP, "+search=ties_math", *overrides, "--cfg", "job", "--resolve"], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return yaml.safe_load(proc.stdout)
@@ -281,7 +281,7 @@ def test_command_line_forms_from_the_readme(tmp_path):
     assert one["models"]["task_dirs"] == ["examples/gsm8k_local"]
     two = parse_tasks(_composed("tasks.tasks={evomerge_add_ll: {acc: 1.0}, evomerge_sub_ll: {acc: 2.0}}")["tasks"])
     assert two.tasks == {"evomerge_add_ll": {"acc": 1.0}, "evomerge_sub_ll": {"acc": 2.0}}
-    assert two.splits["evomerge_add_ll"] == TaskSplits()
+    assert two.splits["evomerge_add_ll"] == TaskSplits(select=100.0)  # the tiny zoo's select items (models.select)
     user = _composed("tasks=gsm8k_local", "models.task_dirs=[examples/gsm8k_local]", "tasks.num_fewshot=2",
                      "+tasks.tasks.gsm8k_local.partition={split: test, search: 0.3, seed: 0}")
     spec = parse_tasks(user["tasks"])
