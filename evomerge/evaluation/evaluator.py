@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections import OrderedDict
 import functools
 import logging
 import time
+from collections import OrderedDict
 from typing import Any, Iterator
 
 from evomerge.errors import ConfigError
 
-BACKENDS = ("fast", "hflm")
-_REQUEST_SETS = 64  # request sets kept per task: every step of every look a search repeats, a few fresh samples  # Evaluator(backend=...): evomerge's FastLM, or lm-eval's HFLM
+BACKENDS = ("fast", "hflm")  # Evaluator(backend=...): evomerge's FastLM, or lm-eval's HFLM
+_REQUEST_SETS = 64  # request sets kept per task: every step of every look a search repeats, a few fresh samples
 
 _NOISY = (
     "`pretrained` model kwarg is not of type `str`",

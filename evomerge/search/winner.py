@@ -110,39 +110,43 @@ def select(study: optuna.Study, top_k: int, seed: int = 0) -> tuple[list[Candida
     return [candidate(t, seed) for t in top], list(baselines.values()), front
 
 
-def margin_of(best: Candidate, base: Candidate) -> float | None:
-    """The standard error of ``best.selection - base.selection``: paired over the items both were scored on
-    where both kept their per-item scores, else from each one's own standard error; None if unknown."""
+def margin_of(best: Candidate, base: Candidate) -> tuple[float | None, bool]:
+    """The standard error of ``best.selection - base.selection`` and whether it is paired: over the items both
+    were scored on where both kept their per-item scores, else from each one's own standard error (None if
+    unknown)."""
     if best.items is not None and base.items is not None:
         se = paired_se(best.items, base.items)
         if se is not None:
-            return se
+            return se, True
     if best.se is not None and base.se is not None:
-        return (best.se ** 2 + base.se ** 2) ** 0.5
-    return None
+        return (best.se ** 2 + base.se ** 2) ** 0.5, False
+    return None, False
+
+
+def _contenders(top: list[Candidate], baselines: list[Candidate]) -> tuple[Candidate | None, Candidate | None]:
+    """The best re-scored searched candidate and the best re-scored baseline, where they are chosen."""
+    best = max((c for c in top if c.test is not None), key=lambda c: c.selection, default=None)
+    base = max((c for c in baselines if c.test is not None), key=lambda c: c.selection, default=None)
+    return best, base
 
 
 def comparison(top: list[Candidate], baselines: list[Candidate]) -> dict[str, Any] | None:
     """What the winner rule weighed: the best searched candidate against the best baseline where they are
     chosen, the difference and its standard error (paired or not), for the summary and the report."""
-    best = max((c for c in top if c.test is not None), key=lambda c: c.selection, default=None)
-    base = max((c for c in baselines if c.test is not None), key=lambda c: c.selection, default=None)
+    best, base = _contenders(top, baselines)
     if best is None or base is None:
         return None
-    paired = best.items is not None and base.items is not None and paired_se(best.items, base.items) is not None
+    se, paired = margin_of(best, base)
     return {"searched": best.label, "baseline": base.label, "on": best.chosen_on,
-            "difference": best.selection - base.selection, "se": margin_of(best, base), "paired": paired}
+            "difference": best.selection - base.selection, "se": se, "paired": paired}
 
 
 def choose(top: list[Candidate], baselines: list[Candidate], margin_se: float) -> Candidate | None:
     """The best searched candidate if it beats the best baseline by more than the noise, else that baseline."""
-    scored_top = [c for c in top if c.test is not None]
-    scored_base = [c for c in baselines if c.test is not None]
-    best = max(scored_top, key=lambda c: c.selection, default=None)
-    base = max(scored_base, key=lambda c: c.selection, default=None)
+    best, base = _contenders(top, baselines)
     if best is None or base is None:
         return best or base
-    se = margin_of(best, base) if margin_se > 0 else None
+    se = margin_of(best, base)[0] if margin_se > 0 else None
     margin = 0.0 if se is None else margin_se * se
     return best if best.selection - base.selection > margin else base
 
