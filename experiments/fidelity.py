@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
-from study import NOTES, write_keeping_notes  # noqa: E402
+from study import write_keeping_notes  # noqa: E402
 
 SEARCH = ["+search=ties_math", "tasks.select=100", "final.score_cache=null", "final.export_model=false",
           "progress=false"]
@@ -41,6 +41,11 @@ VARIANTS = {  # name -> (overrides, what it is)
     "halving_fresh_paired": (["search.pruning.first_look=[0.125,0.25,0.5]", "search.pruning.keep=50",
                               "search.fresh_items=10", "search.estimator=paired"],
                              "successive halving over fresh samples, paired estimates"),
+    "fresh_irt": (["search.pruning.enabled=false", "search.fresh_items=10", "search.estimator=irt"],
+                  "fresh samples, each score a Rasch-model (p-IRT) estimate from the baselines' per-item results"),
+    "halving_fresh_irt": (["search.pruning.first_look=[0.125,0.25,0.5]", "search.pruning.keep=50",
+                           "search.fresh_items=10", "search.estimator=irt"],
+                          "successive halving over fresh samples, p-IRT estimates"),
 }
 
 
@@ -54,7 +59,8 @@ def run(out: Path, overrides: list[str], seed: int, trials: int) -> float:
 
 
 def spent(run_dir: Path) -> tuple[int, int, int]:
-    """(search items scored, trials finished, baselines) of a run's study."""
+    """(search items scored, trials finished, baselines) of a run's study. The items an estimator scored once
+    per study count too: the paired reference's, and every baseline's for the item calibration."""
     import optuna
 
     from evomerge.search import record
@@ -63,7 +69,10 @@ def spent(run_dir: Path) -> tuple[int, int, int]:
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{run_dir / 'study.db'}")
     recs = [record.TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
     done = [r for r in recs if r.items is not None]
-    return sum(r.items for r in done), len(done), sum(r.baseline is not None for r in done)
+    ref, cal = record.reference_of(study), record.calibration_of(study)
+    every = lambda per_task: sum(len(next(iter(ms.values()))) for ms in per_task.values())  # noqa: E731
+    extra = every(ref.items) if ref else len(cal.labels) * every(cal.difficulty) if cal else 0
+    return sum(r.items for r in done) + extra, len(done), sum(r.baseline is not None for r in done)
 
 
 def run_variant(runs: Path, name: str, seed: int, trials: int) -> None:
@@ -117,10 +126,12 @@ def table(runs: Path, zoo: str, out: Path) -> str:
              "| variant | what | seeds | search items | trials | winner test | best searched test | "
              "winner search − test | winner select − test | searched winners | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    earlier = out / f"fidelity_{zoo}.json"
+    kept = json.loads(earlier.read_text()) if earlier.is_file() else {}
     data = {}
     for name, (_, what) in VARIANTS.items():
-        rows = [r for r in (_row(d) for d in sorted((runs / name).glob("s*"))) if r]
-        if not rows:
+        rows = [r for r in (_row(d) for d in sorted((runs / name).glob("s*"))) if r] or kept.get(name)
+        if not rows:  # a variant not run this time keeps its rows from the last table's JSON
             continue
         data[name] = rows
         lines.append(
@@ -132,7 +143,7 @@ def table(runs: Path, zoo: str, out: Path) -> str:
     base = [r["baseline_test"] for rows in data.values() for r in rows if r["baseline_test"] is not None]
     if base:
         lines += ["", f"Best baseline chosen on select (test): {_ms(base[:1])} (the same recipes in every run)."]
-    text = "\n".join(lines) + "\n\n" + NOTES + "\n"
+    text = "\n".join(lines) + "\n"
     (out / f"fidelity_{zoo}.json").write_text(json.dumps(data, indent=1))
     return write_keeping_notes(out / f"fidelity_{zoo}.md", text)
 

@@ -217,8 +217,7 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
 def write_keeping_notes(md: Path, text: str) -> str:
     """Write a generated results page; the hand-written analysis below the NOTES marker survives a rebuild."""
     old = md.read_text() if md.is_file() else ""
-    if NOTES in old:
-        text += "\n" + old[old.index(NOTES):]
+    text += "\n" + (old[old.index(NOTES):] if NOTES in old else NOTES + "\n")
     md.write_text(text)
     return text
 

@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from evomerge.errors import ConfigError
 from evomerge.search import driver, record
+from evomerge.search.estimators import Irt, Paired, calibrate
 from evomerge.search.fitness import Scorer, TaskSpec
 from evomerge.search.spec import parse_search
 from search_factory import TIES, family, genome  # noqa: F401  (family is a fixture)
@@ -65,8 +66,10 @@ class _Items:
         return out
 
     def per_item(self, model, split, samples=None):
-        return {t: {"acc": {i: float(self.difficulty[t][i] < self.engine.weight) for i in range(n)}}
-                for t, n in SIZES.items()}
+        items = samples or {t: range(n) for t, n in SIZES.items()}
+        if samples is not None:
+            self.log += [(t, i) for t, ix in samples.items() for i in ix]
+        return {t: {"acc": {i: float(self.difficulty[t][i] < self.engine.weight) for i in ix}} for t, ix in items.items()}
 
 
 def _scorer(engine=None):
@@ -112,7 +115,7 @@ def test_a_paired_estimate_puts_any_sample_on_the_whole_splits_scale():
     assert ref.label == "textbook" and [len(ref.items[t]["acc"]) for t in SIZES] == [80, 60]
     whole = {t: sum(v) / len(v) for t, v in ((t, ref.items[t]["acc"]) for t in SIZES)}
     for sample in range(4):  # the reference itself: every step of every sample is its whole-split score, exactly
-        look = scorer.look("search", 0.25, sample=sample, reference=ref)
+        look = scorer.look("search", 0.25, sample=sample, estimator=Paired(ref))
         for upto in (0.5, None):
             est = scorer.extend(engine.model, "search", look, upto)
             assert est.fitness == pytest.approx(sum(whole.values()) / 2, abs=1e-12)
@@ -121,23 +124,53 @@ def test_a_paired_estimate_puts_any_sample_on_the_whole_splits_scale():
     for sample in range(12):
         raw.append(scorer.extend(engine.model, "search", scorer.look("search", 0.25, sample=sample)).fitness)
         paired.append(scorer.extend(engine.model, "search",
-                                    scorer.look("search", 0.25, sample=sample, reference=ref)).fitness)
+                                    scorer.look("search", 0.25, sample=sample, estimator=Paired(ref))).fitness)
     truth = sum(sum(d < 0.62 for d in scorer.evaluator.difficulty[t]) / n for t, n in SIZES.items()) / 2
     spread = lambda xs: sum((x - truth) ** 2 for x in xs) / len(xs)  # noqa: E731
     assert spread(paired) < spread(raw) / 3
 
 
-# ---- the loop ---------------------------------------------------------------------------------
-def _loop(family, n_trials, looks=(), fresh_items=None, keep=50.0, reference=False):
-    g = genome(family, layers_per_group="global")
+def _calibration(scorer, engine, weights=(0.2, 0.35, 0.5, 0.65, 0.8)):
+    refs = []
+    for w in weights:  # baselines across the range the candidates span
+        engine.weight = w
+        refs.append(scorer.reference(engine.model, "search", f"w{w}"))
+    return calibrate(refs)
+
+
+def test_an_irt_look_scores_each_item_once_and_estimates_the_whole_split_better_than_its_mean():
     scorer, engine = _scorer()
+    irt = Irt(_calibration(scorer, engine))
+    engine.weight = 0.57  # a candidate between the baselines
+    scorer.evaluator.log.clear()
+    look = scorer.look("search", 0.25, sample=0, estimator=irt)
+    steps = [scorer.extend(engine.model, "search", look, upto) for upto in (0.5, None)]
+    assert len(scorer.evaluator.log) == len(set(scorer.evaluator.log)) == look.scored == 20 + 15
+    assert {t: len(look.values[t]["acc"]) for t in SIZES} == {"a": 20, "b": 15}  # each scored item's value, kept
+    assert [look.metrics[t]["acc"] for t in SIZES] == [sum(look.values[t]["acc"]) / n for t, n in (("a", 20), ("b", 15))]
+    whole = scorer.look("search", None, estimator=irt)
+    assert scorer.extend(engine.model, "search", whole).fitness == pytest.approx(
+        scorer.extend(engine.model, "search", scorer.look("search", None)).fitness, abs=1e-12)  # all items: the mean
+    truth = sum(sum(d < 0.57 for d in scorer.evaluator.difficulty[t]) / n for t, n in SIZES.items()) / 2
+    raw = [scorer.extend(engine.model, "search", scorer.look("search", 0.25, sample=k)).fitness for k in range(12)]
+    est = [scorer.extend(engine.model, "search", scorer.look("search", 0.25, sample=k, estimator=irt)).fitness
+           for k in range(12)]
+    err = lambda xs: sum((x - truth) ** 2 for x in xs) / len(xs)  # noqa: E731
+    assert err(est) < err(raw) / 3 and steps[-1].fitness == est[0]
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+def _loop(family, n_trials, looks=(), fresh_items=None, keep=50.0, reference=False, estimator=None, scorer=None):
+    g = genome(family, layers_per_group="global")
+    scorer, engine = scorer or _scorer()
     study = optuna.create_study(direction="maximize")
     driver.enqueue_baselines(study, g.baselines())
     pruner = optuna.pruners.PercentilePruner(keep, n_startup_trials=3) if looks else optuna.pruners.NopPruner()
-    ref = scorer.reference(engine.model, "search", "textbook") if reference else None
+    if reference:
+        estimator = Paired(scorer.reference(engine.model, "search", "textbook"))
     loop = driver.SearchLoop(study, lambda start: optuna.samplers.RandomSampler(seed=0), pruner, g, engine, scorer,
                              n_trials=n_trials, limit=0.5, looks=looks, fresh_items=fresh_items, seed=0,
-                             reference=ref, fresh_seeds=False, progress=False)
+                             estimator=estimator, fresh_seeds=False, progress=False)
     loop.run()
     return study, scorer
 
@@ -194,6 +227,15 @@ def test_the_loop_tells_the_sampler_the_paired_estimate(family):
         assert abs(t.value - truth) <= abs(t.value - ref) + 0.2  # an estimate of the candidate, not the reference
 
 
+def test_the_loop_scores_an_irt_look_item_by_item_and_no_item_twice(family):
+    scorer, engine = _scorer()
+    irt = Irt(_calibration(scorer, engine))
+    scorer.evaluator.log.clear()
+    study, scorer = _loop(family, 16, looks=(0.25, 0.5), fresh_items=4, estimator=irt, scorer=(scorer, engine))
+    spent = sum(record.TrialRecord.of(t).items for t in study.get_trials())
+    assert spent == len(scorer.evaluator.log) and all(0.0 <= t.value <= 1.0 for t in study.get_trials())
+
+
 # ---- the config -------------------------------------------------------------------------------
 def test_looks_and_fresh_items_are_read_once():
     spec = parse_search({**TIES, "pruning": {"first_look": [0.125, 0.25, 0.5], "keep": 50}, "fresh_items": 15,
@@ -212,7 +254,7 @@ def test_looks_and_fresh_items_are_read_once():
     ({"pruning": {"startup_trials": -1}}, r"search.pruning.startup_trials"),
     ({"fresh_items": 0, "limit": 0.5}, r"search.fresh_items = 0"),
     ({"fresh_items": 5, "limit": None}, r"search.limit is null"),
-    ({"estimator": "irt"}, r"search.estimator = 'irt': use 'mean'"),
+    ({"estimator": "median"}, r"search.estimator = 'median': use 'mean'"),
 ])
 def test_bad_item_settings_name_the_key(over, match):
     with pytest.raises(ConfigError, match=match):
@@ -220,17 +262,18 @@ def test_bad_item_settings_name_the_key(over, match):
 
 
 def test_fresh_items_over_a_limit_that_takes_every_item_are_refused_before_the_study():
-    from evomerge.search.preflight import check_fresh_items
+    from evomerge.search.preflight import check_items
 
     scorer, _ = _scorer()
-    assert check_fresh_items(scorer, 5, 0.5) == []
-    (problem,) = check_fresh_items(scorer, 5, 100)
+    assert check_items(scorer, 5, 0.5, "mean") == []
+    (problem,) = check_items(scorer, 5, 100, "mean")
     assert "search.fresh_items = 5" in problem and "a: 80, b: 60" in problem
 
 
 # ---- the whole app on the tiny zoo ------------------------------------------------------------
 @pytest.mark.slow
-def test_a_search_in_steps_over_fresh_samples_runs_end_to_end_and_records_its_items(tiny_zoo, tmp_path):
+@pytest.mark.parametrize("estimator", ["paired", "irt"])
+def test_a_search_in_steps_over_fresh_samples_runs_end_to_end_and_records_its_items(tiny_zoo, tmp_path, estimator):
     """The real console app, real lm-eval tasks: successive halving over fresh samples, then the usual final
     choice; the study and trials.csv say which items each trial scored and how many."""
     import csv
@@ -243,7 +286,7 @@ def test_a_search_in_steps_over_fresh_samples_runs_end_to_end_and_records_its_it
     proc = subprocess.run(
         [sys.executable, "-m", "evomerge.run.app", "+search=ties_math", "search.n_trials=14", "search.limit=40",
          "search.pruning.first_look=[0.25,0.5]", "search.pruning.keep=50", "search.pruning.startup_trials=2",
-         "search.fresh_items=4", "search.estimator=paired", "search.layers_per_group=global", "sampler=random", "progress=false",
+         "search.fresh_items=4", f"search.estimator={estimator}", "search.layers_per_group=global", "sampler=random", "progress=false",
          "final.top_k=1", "final.export_model=false", "final.score_cache=null", f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, timeout=900, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -260,10 +303,16 @@ def test_a_search_in_steps_over_fresh_samples_runs_end_to_end_and_records_its_it
     assert [int(r["sample"]) for r in rows] == [r.sample for r in recs]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best"]["test_fitness"] is not None and summary["trials"]["PRUNED"] == len(pruned)
+    sizes = {t: rec["search"]["n"] for t, rec in json.loads((run_dir / "splits.json").read_text())["tasks"].items()}
+    textbook = summary["baselines"]["textbook"]
+    if estimator == "irt":  # every baseline scored on every search item once, the items' difficulties kept
+        cal = record.calibration_of(study)
+        assert set(cal.labels) == set(summary["baselines"]) and record.reference_of(study) is None
+        assert {t: len(ms["acc"]) for t, ms in cal.difficulty.items()} == sizes
+        assert textbook["search_fitness"] == pytest.approx(textbook["search_full_fitness"], abs=0.05)
+        return
     # the paired estimate: the reference (textbook) scored on every search item once, kept in the study; told
     # to the sampler on its 40-item sample, it is its score over every search item, as the final step measured
     ref = record.reference_of(study)
-    sizes = {t: rec["search"]["n"] for t, rec in json.loads((run_dir / "splits.json").read_text())["tasks"].items()}
     assert ref.label == "textbook" and {t: len(ms["acc"]) for t, ms in ref.items.items()} == sizes
-    textbook = summary["baselines"]["textbook"]
     assert textbook["search_fitness"] == pytest.approx(textbook["search_full_fitness"], abs=1e-9)

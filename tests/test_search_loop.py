@@ -96,7 +96,7 @@ class _EasyFirstItems(ConstantScorer):
     def can_split(self, split):
         return True
 
-    def look(self, split, limit, sample=None, seed=0, reference=None):
+    def look(self, split, limit, sample=None, seed=0, estimator=None):
         return None
 
     def extend(self, model, split, look, upto=None):

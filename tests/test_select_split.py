@@ -186,6 +186,13 @@ def test_a_search_with_select_items_chooses_there_and_says_so(tiny_zoo, tmp_path
     final = record.final_scores(study)[best["trial"]]
     assert {t: len(v) for t, v in final.chosen_items.items()} == {t: 40 for t in splits}
     assert sum(sum(v) / len(v) for v in final.chosen_items.values()) / len(splits) == pytest.approx(best["select_fitness"])
+    # the test split too, item by item: the held-out report pairs the winner with the best other hand-set recipe
+    assert sum(sum(v) / len(v) for v in final.test_items.values()) / len(splits) == pytest.approx(best["test_fitness"])
+    held = summary["held_out"]
+    others = {k: v["test_fitness"] for k, v in summary["baselines"].items() if v["trial"] != best["trial"]}
+    assert held["winner"] == best["label"] and held["baseline"] == max(others, key=others.get)
+    assert held["difference"] == pytest.approx(best["test_fitness"] - max(others.values())) and held["paired"] is True
+    assert "held out:" in proc.stdout and "Held out:" in report
 
 
 def test_the_margin_is_paired_over_the_same_items_where_both_kept_them():
@@ -212,3 +219,22 @@ def test_the_margin_is_paired_over_the_same_items_where_both_kept_them():
     base.items = {"t": base_items[:100]}  # items that do not line up: the unpaired margin again
     assert paired_se(cand.items, base.items) is None and choose([cand], [base], margin_se=1.0).number == 0
     assert comparison([cand], [base])["paired"] is False
+
+
+def test_the_held_out_report_pairs_the_winner_with_the_best_other_baseline_on_test():
+    """Reported after the choice, never used for it: the hardest baseline is the best by test, the winner itself
+    excluded when it is a baseline; paired where both kept their test items."""
+    from evomerge.search.fitness import paired_se
+    from evomerge.search.winner import held_out
+
+    win = _cand(5, search=0.8, full=0.8, select=0.8)
+    a = _cand(0, search=0.7, full=0.7, select=0.7, baseline="alone:add")
+    b = _cand(1, search=0.7, full=0.7, select=0.7, baseline="textbook:ties")
+    win.test, a.test, b.test = 0.78, 0.70, 0.75
+    assert held_out(win, [a, b]) == {"winner": "trial 5", "baseline": "textbook:ties", "difference": pytest.approx(0.03),
+                                     "se": None, "paired": False}
+    win.test_items, b.test_items = {"t": [1.0] * 78 + [0.0] * 22}, {"t": [1.0] * 75 + [0.0] * 25}
+    got = held_out(win, [a, b])
+    assert got["paired"] is True and got["se"] == pytest.approx(paired_se(win.test_items, b.test_items))
+    assert held_out(b, [a, b])["baseline"] == "alone:add"  # a baseline that won is weighed against the others
+    assert held_out(None, [a, b]) is None and held_out(win, []) is None

@@ -186,6 +186,12 @@ def write_report(run_dir: Path, study: optuna.Study, summary: dict[str, Any], wi
         lines.append(f"| {label} | {_f(r.get('search_fitness'))} | {_f(r.get('search_full_fitness'))} |{sel} "
                      f"{_f(r.get('test_fitness'))} |")
     lines.append("")
+    held = summary.get("held_out")
+    if held:
+        se = "unknown" if held["se"] is None else f"{held['se']:.4f}" + (", paired over the same items" if held["paired"] else "")
+        lines += [f"Held out: the winner ({held['winner']}) against the best other hand-set recipe on test "
+                  f"({held['baseline']}): {held['difference']:+.4f} (standard error {se}). Reported only: "
+                  f"that baseline is picked by its test score, in hindsight, and nothing here chose by it.", ""]
     plots: list[tuple[str, Any]] = [("history.png", lambda p: plot_history(study, p))]
     seq = summary.get("layer_sequence")
     if seq:  # a data-flow search: the winner's stack as a table and a plot

@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from tqdm.auto import tqdm
 
 from evomerge.errors import ConfigError
 from evomerge.export.run import export_trial, trial_counts, write_json, write_trials_csv
-from evomerge.search import driver, record
+from evomerge.search import driver, estimators, record
 from evomerge.search.winner import FinalResult, rescore
 from evomerge.search.fitness import Scorer, TaskSpec, objective_names
 from evomerge.search.config import RunConfig, parse_config
+from evomerge.search.estimators import LookEstimator
 from evomerge.search.dataflow import DataflowGenome, DataflowSpec, is_dataflow
 from evomerge.search.genome import Genome, layout_of
 from evomerge.search.models import pick_sources, resolve_models
@@ -174,10 +176,10 @@ class SearchSession:
             budget, stats, outcome = coord.budget(study, n_trials), driver.LoopStats(), Outcome()
             start = time.perf_counter()
             if budget.finished() < n_trials:
-                reference = self._reference(study, get_engine())
+                estimator = self._estimator(study, get_engine())
                 loop = driver.SearchLoop(study, self.sampler_for, self.pruner, self.genome, get_engine(), self.scorer,
                                          n_trials=n_trials, limit=self.spec.limit, looks=self.looks,
-                                         fresh_items=self.spec.fresh_items, reference=reference,
+                                         fresh_items=self.spec.fresh_items, estimator=estimator,
                                          seed=self.genome.seed,
                                          fresh_seeds=self.spec.random_mode == "fresh", progress=self.progress,
                                          budget=budget)
@@ -206,21 +208,31 @@ class SearchSession:
         if self.warm:
             driver.enqueue_baselines(study, {w.label: w.params for w in self.warm}, {w.label: w.seed for w in self.warm})
 
-    def _reference(self, study: optuna.Study, engine: Any) -> record.ReferenceScores | None:
-        """``search.estimator: paired``: the reference's metrics on every search item, scored once per study
-        (before its first searched trial) and kept in it. The reference is the textbook recipe (the first of
-        them in a method-gene search), else the first baseline: a merge near the candidates, so that the
-        per-item differences are small."""
-        if self.spec.estimator != "paired":
+    def _estimator(self, study: optuna.Study, engine: Any) -> LookEstimator | None:
+        """``search.estimator``: what the baselines' results on every search item say, scored once per study
+        (before its first searched trial) and kept in it. ``paired`` reads the textbook recipe's (the first
+        textbook of a method-gene search; else the first baseline): a merge near the candidates, so that the
+        per-item differences are small. ``irt`` reads every baseline's, to fit each item's difficulty."""
+        kind, baselines = self.spec.estimator, self.genome.baselines()
+        if kind == "mean":
             return None
-        ref = record.reference_of(study)
-        if ref is None:
-            baselines = self.genome.baselines()
-            label = next((b for b in baselines if b.split(":")[0] == "textbook"), next(iter(baselines)))
+
+        def results(label: str) -> record.ReferenceScores:
             engine.apply(self.genome.recipe(baselines[label], seed=self.genome.seed))
-            ref = self.scorer.reference(engine.model, "search", label)
-            record.set_reference(study, ref)
-        return ref
+            return self.scorer.reference(engine.model, "search", label)
+
+        if kind == "paired":
+            ref = record.reference_of(study)
+            if ref is None:
+                ref = results(next((b for b in baselines if b.split(":")[0] == "textbook"), next(iter(baselines))))
+                record.set_reference(study, ref)
+            return estimators.Paired(ref)
+        cal = record.calibration_of(study)
+        if cal is None:
+            cal = estimators.calibrate([results(label) for label in
+                                        tqdm(baselines, desc="item calibration", unit="baseline", disable=not self.progress)])
+            record.set_calibration(study, cal)
+        return estimators.Irt(cal)
 
     def _rescore(self, study: optuna.Study, get_engine: Any) -> FinalResult:
         final = self.config.final
@@ -298,6 +310,7 @@ class SearchSession:
                             f"difference (paired over the same items where both were scored item by item), else "
                             f"that baseline; the test split is never used to choose"),
             "comparison": final.comparison,
+            "held_out": final.held_out,
             "split_roles": {"search": "optimised", **({"select": "chose the winner"} if chosen == "select" else {}),
                             "test": "reported only"},
             "top": [c.as_dict() for c in final.candidates], "pareto_front": final.front,
@@ -409,6 +422,11 @@ def _device(name: str) -> Any:
         raise ConfigError(f"device = {name!r}: {exc}") from None
 
 
+def _se_text(comp: dict[str, Any]) -> str:
+    """A comparison's standard error as the summary prints it: the value, and whether it is paired."""
+    return "n/a" if comp["se"] is None else f"{comp['se']:.4f}" + (" paired" if comp["paired"] else " unpaired")
+
+
 def _print_summary(s: dict[str, Any], run_dir: Path) -> None:
     def f(v: Any) -> str:
         return "   n/a" if v is None else f"{v:.4f}"
@@ -432,9 +450,12 @@ def _print_summary(s: dict[str, Any], run_dir: Path) -> None:
           + "test: held out, reported only, never used to choose)")
     comp = s.get("comparison")
     if comp:
-        se = "n/a" if comp["se"] is None else f"{comp['se']:.4f}" + (" paired" if comp["paired"] else " unpaired")
         print(f"  winner rule: {comp['searched']} vs {comp['baseline']} on {comp['on']}: {comp['difference']:+.4f} "
-              f"(standard error {se})")
+              f"(standard error {_se_text(comp)})")
+    held = s.get("held_out")
+    if held:
+        print(f"  held out: {held['winner']} vs the best other hand-set recipe on test, {held['baseline']}: "
+              f"{held['difference']:+.4f} (standard error {_se_text(held)}; reported, never used to choose)")
     pc = s["timings"].get("per_candidate") or {}
     if pc:
         print(f"  per candidate: merge {pc['merge_s']:.2f} s, evaluation {pc['eval_s']:.2f} s, overhead {pc['overhead_s']:.3f} s")

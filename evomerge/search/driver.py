@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from evomerge.errors import EvomergeError
 from evomerge.search import record
+from evomerge.search.estimators import LookEstimator
 from evomerge.search.optuna_io import storage_of, trial_id
 from evomerge.search.storage import heartbeat_enabled
 
@@ -258,7 +259,7 @@ class TrialScorer(Protocol):
         """Whether a look can be scored in steps over item lists (else each step is scored from the first item)."""
 
     def look(self, split: str, limit: float | None, sample: int | None = None, seed: int = 0,
-             reference: record.ReferenceScores | None = None) -> Any:
+             estimator: LookEstimator | None = None) -> Any:
         """A trial's items, not yet scored."""
 
     def extend(self, model: Any, split: str, look: Any, upto: float | None = None) -> Score:
@@ -276,13 +277,13 @@ class SearchLoop:
     the look's items or a count; empty: no pruning). After step ``k`` the trial reports at step ``k`` and the
     pruner may stop it. ``fresh_items``: trial ``n`` scores fresh sample ``n // fresh_items`` of the search split
     (None: every trial the same first items), so no generation fits the items the previous ones were chosen on.
-    ``reference``: every look is a paired estimate over the whole search split (search/fitness.py, ``Look``).
+    ``estimator``: what puts every look on the whole search split's scale (search/estimators.py; None: its mean).
     """
 
     def __init__(self, study: optuna.Study, sampler_for: Any, pruner: optuna.pruners.BasePruner,
                  genome: Any, engine: Any, scorer: TrialScorer, *, n_trials: int, limit: float | None,
                  seed: int, fresh_seeds: bool, looks: tuple[float, ...] = (), fresh_items: int | None = None,
-                 reference: record.ReferenceScores | None = None, progress: bool = True,
+                 estimator: LookEstimator | None = None, progress: bool = True,
                  budget: Budget | None = None) -> None:
         from evomerge.search.mirror import Mirror
 
@@ -290,7 +291,7 @@ class SearchLoop:
         self.mirror = Mirror(study, sampler_for, pruner)
         self.budget = budget if budget is not None else LocalBudget(study, n_trials)
         self.n_trials, self.limit, self.looks, self.fresh_items = n_trials, limit, tuple(looks), fresh_items
-        self.seed, self.fresh_seeds, self.progress, self.reference = seed, fresh_seeds, progress, reference
+        self.seed, self.fresh_seeds, self.progress, self.estimator = seed, fresh_seeds, progress, estimator
         # the space: fixed distributions, or define-by-run (a conditional space: search/method_space.py)
         self.dists = genome.suggest if getattr(genome, "conditional", False) else genome.distributions()
         self.stats = LoopStats()
@@ -359,7 +360,7 @@ class SearchLoop:
                 steps = self.looks if baseline is None else ()  # a baseline is always scored whole
                 look = None
                 if self.scorer.can_split("search"):
-                    look = self.scorer.look("search", self.limit, sample, seed=self.seed, reference=self.reference)
+                    look = self.scorer.look("search", self.limit, sample, seed=self.seed, estimator=self.estimator)
                     score_at: Callable[[float | None], Any] = lambda upto: self.scorer.extend(
                         self.engine.model, "search", look, upto)
                 else:  # an evaluator that scores only a limit: each step from the first item (correct, slower)

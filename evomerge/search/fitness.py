@@ -16,6 +16,7 @@ from typing import Any
 
 from evomerge.errors import ConfigError
 from evomerge.evaluation.splits import Partition, SplitPlan, TaskSplits
+from evomerge.search.estimators import LookEstimator
 from evomerge.search.record import ReferenceScores
 
 OBJECTIVE_MODES = ("auto", "fitness", "per_task")
@@ -312,7 +313,7 @@ class Scorer:
         return metrics, time.perf_counter() - start
 
     def look(self, split: str, limit: float | None, sample: int | None = None, seed: int = 0,
-             reference: ReferenceScores | None = None) -> "Look":
+             estimator: LookEstimator | None = None) -> "Look":
         """A trial's look at ``split``: ``limit`` items per task, not yet scored (:meth:`extend` scores them).
 
         ``sample``: None, the first items of each task (the same for every trial); else the number of a fresh
@@ -320,15 +321,15 @@ class Scorer:
         any worker, scores the same items). A fresh sample is in random order, so each step's items are a
         random part of it, where the first items of a task need not be an average sample.
 
-        ``reference`` (``search.estimator: paired``): every score of the look is put on the whole split's
-        scale by the reference's per-item results, see :meth:`Look.estimate`.
+        ``estimator`` (``search.estimator``: paired, irt): every score of the look is put on the whole split's
+        scale by what the baselines' results say about the items (search/estimators.py).
         """
         n, size = self.counts(split, limit), self._size(split)
         if sample is None:
             items = {t: list(range(n[t])) for t in n}
         else:
             items = {t: random.Random(f"evomerge-items:{seed}:{sample}:{t}").sample(range(size[t]), n[t]) for t in n}
-        return Look(items=items, done={t: 0 for t in n}, metrics={t: {} for t in n}, reference=reference)
+        return Look(items=items, done={t: 0 for t in n}, metrics={t: {} for t in n}, estimator=estimator)
 
     def extend(self, model: Any, split: str, look: "Look", upto: float | None = None) -> Score:
         """Score ``look``'s items up to ``upto`` (a fraction of its items or a count; None: all of them) and the
@@ -336,15 +337,32 @@ class Scorer:
         count is exact for mean-aggregated metrics, the only kind :meth:`can_split` admits."""
         goal = {t: len(ix) if upto is None else max(1, min(len(ix), _count(upto, len(ix)))) for t, ix in look.items.items()}
         new = {t: look.items[t][look.done[t]:goal[t]] for t in goal if goal[t] > look.done[t]}
-        metrics, seconds = self.score_items(model, split, new) if new else ({}, 0.0)
+        if look.estimator is not None and look.estimator.per_item:
+            metrics, seconds = self._score_each(model, split, new, look) if new else ({}, 0.0)
+        else:
+            metrics, seconds = self.score_items(model, split, new) if new else ({}, 0.0)
         for t in new:
             a, b, old = look.done[t], len(new[t]), look.metrics[t]
             look.metrics[t] = {m: (old.get(m, 0.0) * a + v * b) / (a + b) for m, v in metrics.get(t, {}).items()}
             look.done[t] = goal[t]
         return self._finish(look.estimate(), seconds)
 
+    def _score_each(self, model: Any, split: str, items: dict[str, list[int]],
+                    look: "Look") -> tuple[dict[str, dict[str, float]], float]:
+        """:meth:`score_items` item by item: each item's metrics appended to ``look.values``, their means returned."""
+        start = time.perf_counter()
+        per_item = self.evaluator.per_item(model, split, samples=items)
+        metrics: dict[str, dict[str, float]] = {}
+        for t, ix in items.items():
+            kept = look.values.setdefault(t, {})
+            metrics[t] = {}
+            for m, v in per_item.get(t, {}).items():
+                kept.setdefault(m, []).extend(v[i] for i in ix)
+                metrics[t][m] = sum(v[i] for i in ix) / len(ix)
+        return metrics, time.perf_counter() - start
+
     def reference(self, model: Any, split: str, label: str) -> ReferenceScores:
-        """``model``'s metrics on every item of ``split``: the reference of ``search.estimator: paired``."""
+        """``model``'s metrics on every item of ``split``: a baseline's results for ``search.estimator``."""
         per_item = self.evaluator.per_item(model, split)
         size = self._size(split)
         return ReferenceScores(label=label, items={t: {m: [v[i] for i in range(size[t])] for m, v in per_item[t].items()}
@@ -358,27 +376,17 @@ class Look:
     items: dict[str, list[int]]               # task -> item indices, in the order they are scored
     done: dict[str, int]                      # task -> items scored (a prefix of ``items``)
     metrics: dict[str, dict[str, float]]      # task -> metric -> mean over the scored items
-    reference: ReferenceScores | None = None
+    estimator: LookEstimator | None = None    # None: the mean of the scored items is the estimate
+    values: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # task -> metric -> each scored
+                                              # item's value, in scoring order (a per-item estimator's only)
 
     def estimate(self) -> dict[str, dict[str, float]]:
-        """The look's metrics; with a reference, each one's estimate over every item of the split.
-
-        Why a paired estimate: a candidate and the reference (a baseline close to it) mostly agree item by
-        item, so the candidate's score over the scored items minus the reference's over the same items is
-        a low-noise difference, and the reference's score over every item puts it on the whole split's
-        scale. A sample that happens to be easy or hard (a fresh sample, the first items of a task at a
-        first look) then shifts the candidate and the reference alike and drops out of the estimate.
-        """
-        if self.reference is None:
+        """The look's metrics; with an estimator, each one's estimate over every item of the split."""
+        if self.estimator is None:
             return {t: dict(m) for t, m in self.metrics.items()}
-        out: dict[str, dict[str, float]] = {}
-        for t, ms in self.metrics.items():
-            ref, scored = self.reference.items.get(t, {}), self.items[t][: self.done[t]]
-            out[t] = {}
-            for m, v in ms.items():
-                r = ref.get(m)
-                out[t][m] = v if not r or not scored else v - sum(r[i] for i in scored) / len(scored) + sum(r) / len(r)
-        return out
+        return {t: {m: self.estimator.estimate(t, m, self.items[t][: self.done[t]], v, self.values.get(t, {}).get(m))
+                    for m, v in ms.items()}
+                for t, ms in self.metrics.items()}
 
     @property
     def scored(self) -> int:

@@ -40,22 +40,24 @@ def check_before_study(evaluator: Any, tasks: TaskSpec, *, base: str | None, tok
     problems += check_sampler_options(sampler, seed)
     problems += check_budget(n_trials, list(genome.baselines()))
     problems += check_models(genome)
-    if fresh_items is not None and scorer is not None and not problems:
-        problems += check_fresh_items(scorer, fresh_items, limit)
-    if estimator == "paired" and scorer is not None and not problems and not scorer.can_split("search"):
-        problems.append("search.estimator = paired puts a look on the whole search split's scale by per-item "
-                        "results, and one of the tasks aggregates its items otherwise than by their mean. Set "
-                        "search.estimator=mean.")
+    if scorer is not None and not problems:
+        problems += check_items(scorer, fresh_items, limit, estimator)
     if problems:
         raise ConfigError("\n\n".join(problems) + "\n\nNothing was started: fix the above and run the same command again.")
 
 
-def check_fresh_items(scorer: Any, fresh_items: int, limit: float | None) -> list[str]:
-    """Fresh samples need item ranges scored separately, and a search split larger than one sample."""
-    if not scorer.can_split("search"):
-        return [f"search.fresh_items = {fresh_items}: fresh samples of search items need tasks whose metrics are means "
-                f"over items (accuracy, exact match), and one of the tasks aggregates otherwise. Set "
-                f"search.fresh_items=null."]
+def check_items(scorer: Any, fresh_items: int | None, limit: float | None, estimator: str) -> list[str]:
+    """Fresh samples and estimators over per-item results need tasks whose items are scored and combined
+    separately (mean-aggregated metrics), and fresh samples a search split larger than one sample."""
+    fixes = {f"search.fresh_items = {fresh_items}": "search.fresh_items=null"} if fresh_items is not None else {}
+    if estimator != "mean":
+        fixes[f"search.estimator = {estimator}"] = "search.estimator=mean"
+    if fixes and not scorer.can_split("search"):
+        return [f"{' and '.join(fixes)} score search items in parts and combine them item by item, which needs tasks "
+                f"whose metrics are means over items (accuracy, exact match); one of the tasks aggregates its items "
+                f"otherwise. Set {' and '.join(fixes.values())}."]
+    if fresh_items is None:
+        return []
     sizes, counts = scorer.counts("search", None), scorer.counts("search", limit)
     if all(counts[t] >= sizes[t] for t in sizes):
         return [f"search.fresh_items = {fresh_items}: search.limit = {limit} takes every item of each task's search "

@@ -16,6 +16,8 @@ Study user attributes:
 ``winner``         the number of the trial the last final step chose.
 ``reference``      :class:`ReferenceScores`: a baseline's metrics on every search item (``search.estimator:
                    paired``), written once, before the first searched trial.
+``irt``            :class:`ItemCalibration`: each search item's difficulty, fitted to every baseline's
+                   per-item results (``search.estimator: irt``), written once, before the first searched trial.
 =================  ===================================================================================
 
 Study system attribute ``evomerge:final``: the :class:`ExportClaim` (which cluster worker does, or did,
@@ -82,6 +84,7 @@ OBJECTIVES = "objectives"          # study user attribute: list of objective nam
 FINAL_PREFIX = "final:"            # study user attribute per trial: FinalScores
 WINNER = "winner"                  # study user attribute: a trial number
 REFERENCE = "reference"            # study user attribute: ReferenceScores
+CALIBRATION = "irt"                # study user attribute: ItemCalibration
 EXPORT_CLAIM = "evomerge:final"    # study system attribute: ExportClaim
 
 BASELINE = "baseline"              # trial user attributes (see the table above)
@@ -160,12 +163,14 @@ class FinalScores:
     select_metrics: dict[str, dict[str, float]] | None = None
     chosen_items: dict[str, list[float]] | None = None  # task -> each item's task score on the split that
                                        # chooses (select, else search_full), in item order: the paired margin
+    test_items: dict[str, list[float]] | None = None    # the same on the test split: the paired held-out report
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FinalScores":
         return cls(test=d.get("test"), test_metrics=d.get("test_metrics") or {}, test_values=d.get("test_values") or [],
                    search_full=d.get("search_full"), search_full_metrics=d.get("search_full_metrics"),
-                   select=d.get("select"), select_metrics=d.get("select_metrics"), chosen_items=d.get("chosen_items"))
+                   select=d.get("select"), select_metrics=d.get("select_metrics"), chosen_items=d.get("chosen_items"),
+                   test_items=d.get("test_items"))
 
     def as_dict(self) -> dict[str, Any]:
         """The stored shape: a split that was not scored has no keys at all."""
@@ -176,6 +181,8 @@ class FinalScores:
             out.update(select=self.select, select_metrics=self.select_metrics)
         if self.chosen_items is not None:
             out.update(chosen_items=self.chosen_items)
+        if self.test_items is not None:
+            out.update(test_items=self.test_items)
         out.update(test=self.test, test_metrics=self.test_metrics, test_values=self.test_values)
         return out
 
@@ -222,6 +229,27 @@ def reference_of(study: optuna.Study) -> ReferenceScores | None:
 
 def set_reference(study: optuna.Study, ref: ReferenceScores) -> None:
     study.set_user_attr(REFERENCE, {"label": ref.label, "items": ref.items})
+
+
+@dataclass(frozen=True)
+class ItemCalibration:
+    """Each search item's difficulty under a Rasch model fitted to the baselines' per-item results (study
+    attribute ``irt``; ``search.estimator: irt``, search/estimators.py)."""
+
+    labels: tuple[str, ...]                          # the baselines it was fitted to
+    difficulty: dict[str, dict[str, list[float]]]    # task -> metric -> difficulty of each item, by item index
+
+
+def calibration_of(study: optuna.Study) -> ItemCalibration | None:
+    raw = study.user_attrs.get(CALIBRATION)
+    if not raw:
+        return None
+    return ItemCalibration(labels=tuple(raw["labels"]), difficulty={
+        t: {m: [float(v) for v in vs] for m, vs in ms.items()} for t, ms in raw["difficulty"].items()})
+
+
+def set_calibration(study: optuna.Study, cal: ItemCalibration) -> None:
+    study.set_user_attr(CALIBRATION, {"labels": list(cal.labels), "difficulty": cal.difficulty})
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from evomerge.errors import ConfigError, EvomergeError
 
 EDGE_RULES = ("follow", "own")
 RANDOM_MODES = ("common", "fresh")
-ESTIMATORS = ("mean", "paired")
+ESTIMATORS = ("mean", "paired", "irt")
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,8 @@ class SearchSpec:
     random_mode: str
     pruning: PruningSpec = field(default_factory=PruningSpec)
     fresh_items: int | None = None  # None: every trial scores the same items; N: a fresh sample every N trials
-    estimator: str = "mean"         # mean: a look's score is its items' mean; paired: put on the whole split's
-                                    # scale by a baseline's per-item results (search/fitness.py, Look.estimate)
+    estimator: str = "mean"         # mean: a look's score is its items' mean; paired / irt: put on the whole
+                                    # split's scale by the baselines' per-item results (search/estimators.py)
 
 
 def _where(key: str) -> str:
@@ -180,8 +180,9 @@ def parse_search(cfg: dict[str, Any] | None) -> SearchSpec:
                           f"fresh_items to null.")
     estimator = cfg.get("estimator", "mean")
     if estimator not in ESTIMATORS:
-        raise ConfigError(f"{_where('estimator')} = {estimator!r}: use 'mean' (a look scores its items' mean) or "
-                          f"'paired' (put on the whole search split's scale by a baseline's per-item results).")
+        raise ConfigError(f"{_where('estimator')} = {estimator!r}: use 'mean' (a look scores its items' mean), "
+                          f"'paired' (put on the whole search split's scale by a baseline's per-item results) or 'irt' "
+                          f"(by an item response model fitted to every baseline's per-item results).")
     return SearchSpec(
         name=str(cfg.get("name") or method.name), method=method.name, sources=sources, base_model=base_model,
         layers_per_group=layers_per_group, interpolate=bool(cfg.get("interpolate", False)), modules=modules,

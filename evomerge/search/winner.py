@@ -44,6 +44,7 @@ class Candidate:
     test_values: list[float] = field(default_factory=list)
     select: float | None = None  # fitness on the select split (None: no select split)
     items: dict[str, list[float]] | None = None  # per-item task scores where it is chosen (None: not kept)
+    test_items: dict[str, list[float]] | None = None  # per-item task scores on the test split (None: not kept)
 
     @property
     def selection(self) -> float:
@@ -68,7 +69,7 @@ class Candidate:
         scores = scores or FinalScores()
         self.search_full, self.select, self.test = scores.search_full, scores.select, scores.test
         self.test_metrics, self.test_values = scores.test_metrics, scores.test_values
-        self.items = scores.chosen_items
+        self.items, self.test_items = scores.chosen_items, scores.test_items
         return self
 
 
@@ -80,6 +81,7 @@ class FinalResult:
     front: list[int]           # Pareto front trial numbers (multi-objective)
     seconds: float
     comparison: dict[str, Any] | None = None  # the best searched against the best baseline (:func:`comparison`)
+    held_out: dict[str, Any] | None = None    # the winner against the best baseline on test (:func:`held_out`)
 
 
 def candidate(t: FrozenTrial, seed: int) -> Candidate:
@@ -141,6 +143,23 @@ def comparison(top: list[Candidate], baselines: list[Candidate]) -> dict[str, An
             "difference": best.selection - base.selection, "se": se, "paired": paired}
 
 
+def held_out(winner: Candidate | None, baselines: list[Candidate]) -> dict[str, Any] | None:
+    """The report's question, answered on the test split after the choice: the winner against the best
+    hand-set recipe *by test* (any method, any source alone; the hardest baseline, picked with hindsight), the
+    difference and its standard error, paired over the same test items where both kept them. Never used to
+    choose."""
+    others = [c for c in baselines if c.test is not None and (winner is None or c.number != winner.number)]
+    if winner is None or winner.test is None or not others:
+        return None
+    base = max(others, key=lambda c: c.test)
+    se, paired = None, False
+    if winner.test_items is not None and base.test_items is not None:
+        se = paired_se(winner.test_items, base.test_items)
+        paired = se is not None
+    return {"winner": winner.label, "baseline": base.label, "difference": winner.test - base.test,
+            "se": se, "paired": paired}
+
+
 def choose(top: list[Candidate], baselines: list[Candidate], margin_se: float) -> Candidate | None:
     """The best searched candidate if it beats the best baseline by more than the noise, else that baseline."""
     best, base = _contenders(top, baselines)
@@ -197,14 +216,15 @@ def rescore(study: optuna.Study, genome: Any, get_engine: Any, scorer: Any, *, t
         full = (full_split("search", per_item=not select_split)
                 if rescore_search and search_limit is not None else None)
         chosen = full_split("select", per_item=True) if select_split else None
-        test = full_split("test")
+        test = full_split("test", per_item=True)
         items = (chosen or full or {}).get("items")
         record.set_final_scores(study, c.number, FinalScores(
             test=test["fitness"], test_metrics=test["metrics"], test_values=test["values"],
             search_full=None if full is None else full["fitness"],
             search_full_metrics=None if full is None else full["metrics"],
             select=None if chosen is None else chosen["fitness"],
-            select_metrics=None if chosen is None else chosen["metrics"], chosen_items=items))
+            select_metrics=None if chosen is None else chosen["metrics"], chosen_items=items,
+            test_items=test.get("items")))
     scored = record.final_scores(study)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     for c in everyone:
@@ -224,4 +244,5 @@ def rescore(study: optuna.Study, genome: Any, get_engine: Any, scorer: Any, *, t
     if winner is not None:
         record.set_winner(study, winner.number)
     return FinalResult(winner=winner, candidates=top, baselines=baselines, front=front,
-                       seconds=time.perf_counter() - start, comparison=comparison(top, baselines))
+                       seconds=time.perf_counter() - start, comparison=comparison(top, baselines),
+                       held_out=held_out(winner, baselines))

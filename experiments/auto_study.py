@@ -1,0 +1,156 @@
+"""The method-gene study: does `+search=auto_math` beat the best hand-set recipe of any method on held-out data?
+
+Each run is an ordinary `evomerge +search=auto_math` search (resumable: rerunning a row resumes its studies)
+whose baselines are every source alone and every method's textbook recipe, chosen on select items the
+search never scored. The table pairs each run's exported winner with the best of those baselines *by test*
+(the hardest one, picked with hindsight) on the same test items, per seed and over the seeds combined.
+
+    python experiments/auto_study.py --zoo smol --seeds 0 1 2                 # TPE, per-layer-group genes
+    python experiments/auto_study.py --zoo smol --table                       # rebuild results/auto_math_smol.md
+
+Run directories: runs/auto-<zoo>/<row>/s<seed>, the row named by its sampler, trials, search items and
+layer groups (e.g. tpe-t120-l0.75-g6).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study import ROOT, _ms, evomerge, write_keeping_notes  # noqa: E402
+
+# Per zoo: trials, search-time items (a share of the search items left after the select ones), layer groups, select.
+DEFAULTS = {"tiny": {"trials": 80, "limit": 0.5, "group": "global", "select": 100},
+            "smol": {"trials": 120, "limit": 0.75, "group": 6, "select": 100}}
+
+
+def row_name(sampler: str, trials: int, limit: float, group: int | str) -> str:
+    return f"{sampler}-t{trials}-l{limit:g}-g{group}"
+
+
+def run_row(runs: Path, zoo: str, sampler: str, trials: int, limit: float, group: int | str, select: int,
+            seeds: list[int]) -> None:
+    row = row_name(sampler, trials, limit, group)
+    for seed in seeds:
+        evomerge(["+search=auto_math", f"sampler={sampler}", f"search.n_trials={trials}", f"search.limit={limit}",
+                  f"search.layers_per_group={group}", f"tasks.select={select}", "final.export_model=false"],
+                 runs / row / f"s{seed}", zoo, seed)
+
+
+def test_items(summary: dict) -> tuple[dict[str, list[float]], dict[str, list[float]]] | None:
+    """The winner's and the held-out baseline's per-item test scores, from the run's study."""
+    import optuna
+
+    from evomerge.search import record
+
+    held = summary.get("held_out")
+    if not held:
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=summary["study"], storage=summary["storage"])
+    final = record.final_scores(study)
+    win = final[summary["best"]["trial"]].test_items
+    base = final[summary["baselines"][held["baseline"]]["trial"]].test_items
+    return (win, base) if win is not None and base is not None else None
+
+
+def combined(pairs: list[tuple[dict[str, list[float]], dict[str, list[float]]]]) -> tuple[float, float]:
+    """The seeds' mean winner-minus-baseline difference and its standard error, paired over the same test items:
+    each item's difference averaged over the seeds first, so items every seed gets right (or wrong) add no noise
+    and the seeds' shared items are not counted as independent evidence."""
+    tasks = sorted(pairs[0][0])
+    diff = var = 0.0
+    for t in tasks:
+        d = [statistics.mean(w[t][i] - b[t][i] for w, b in pairs) for i in range(len(pairs[0][0][t]))]
+        diff += statistics.mean(d) / len(tasks)
+        var += statistics.variance(d) / len(d) / len(tasks) ** 2
+    return diff, math.sqrt(var)
+
+
+def build_table(runs: Path, zoo: str, out: Path) -> str:
+    lines = [f"# `+search=auto_math` on the {zoo} zoo: the method is a gene", "",
+             "Each run's baselines are every source alone and every method's textbook recipe; the winner is chosen on "
+             "select items the search never scored; **test** is held out. *Best hand-set* is the best baseline by "
+             "test (picked with hindsight, so the comparison is conservative); the difference is paired over the same "
+             "test items. Regenerate: see experiments/README.md. Table rebuilt "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+             "| row | seed | exported winner | its method | search sample | select | test | best hand-set (test) "
+             "| winner − best hand-set | search − test | trials | wall min | eval s/cand |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    data: dict = {}
+    for row_dir in sorted(d for d in runs.iterdir() if d.is_dir()) if runs.is_dir() else []:
+        pairs, rows = [], []
+        for run in sorted(row_dir.glob("s*")):
+            f = run / "summary.json"
+            if not f.is_file():
+                continue
+            s = json.loads(f.read_text())
+            best, held = s["best"], s.get("held_out") or {}
+            method = best.get("method") or _params_method(run, best)
+            base = s["baselines"].get(held.get("baseline"), {})
+            se = held.get("se")
+            gap = best["search_fitness"] - best["test_fitness"]
+            ev = (s["timings"].get("per_candidate") or {}).get("eval_s", float("nan"))
+            lines.append(f"| {row_dir.name} | {run.name[1:]} | {best['label']} | {method} | {best['search_fitness']:.3f} "
+                         f"| {best.get('select_fitness') or float('nan'):.3f} | **{best['test_fitness']:.3f}** "
+                         f"| {held.get('baseline', '–')} {base.get('test_fitness', float('nan')):.3f} "
+                         f"| {held.get('difference', float('nan')):+.3f} ± {se if se is not None else float('nan'):.3f} "
+                         f"| {gap:+.3f} | {s['trials']['finished']} | {s['timings'].get('total_s', 0) / 60:.0f} | {ev:.2f} |")
+            rows.append({"seed": run.name, "winner": best["label"], "method": method, "test": best["test_fitness"],
+                         "search": best["search_fitness"], "select": best.get("select_fitness"), "held_out": held,
+                         "wall_s": s["timings"].get("total_s")})
+            if (items := test_items(s)) is not None:
+                pairs.append(items)
+        if not rows:
+            continue
+        entry: dict = {"runs": rows}
+        if pairs:
+            diff, se = combined(pairs)
+            entry["combined"] = {"seeds": len(pairs), "difference": diff, "se": se}
+            gaps = [r["search"] - r["test"] for r in rows]
+            lines.append(f"| **{row_dir.name}, {len(pairs)} seeds combined** | | | | | | {_ms([r['test'] for r in rows])} | "
+                         f"| **{diff:+.3f} ± {se:.3f}** (z = {diff / se if se else float('nan'):.1f}) | {_ms(gaps)} | | | |")
+        data[row_dir.name] = entry
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"auto_math_{zoo}.json").write_text(json.dumps(data, indent=2))
+    return write_keeping_notes(out / f"auto_math_{zoo}_study.md", "\n".join(lines) + "\n")
+
+
+def _params_method(run: Path, best: dict) -> str:
+    """The winner's merge method, from its exported recipe (a baseline's label names it already)."""
+    recipe = run / "best" / "recipe.yaml"
+    if recipe.is_file():
+        for line in recipe.read_text().splitlines():
+            if line.startswith("merge_method:"):
+                return line.split(":", 1)[1].strip()
+    return "?"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--zoo", choices=sorted(DEFAULTS), default="smol")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--sampler", default="tpe")
+    ap.add_argument("--trials", type=int, default=None)
+    ap.add_argument("--limit", type=float, default=None, help="search-time share (or count) of each task's search items")
+    ap.add_argument("--group", default=None, help="layers per gene group: an integer or global")
+    ap.add_argument("--select", type=int, default=None, help="select items per task, carved out of the search items")
+    ap.add_argument("--table", action="store_true", help="only rebuild the table")
+    ap.add_argument("--runs", type=Path, default=None, help="run directories (default: runs/auto-<zoo>)")
+    ap.add_argument("--out", type=Path, default=ROOT / "results", help="where the table goes")
+    args = ap.parse_args()
+    d = DEFAULTS[args.zoo]
+    runs = args.runs or ROOT / "runs" / f"auto-{args.zoo}"
+    if not args.table:
+        run_row(runs, args.zoo, args.sampler, args.trials or d["trials"], args.limit or d["limit"],
+                args.group or d["group"], args.select or d["select"], args.seeds)
+    print(build_table(runs, args.zoo, args.out))
+
+
+if __name__ == "__main__":
+    main()
