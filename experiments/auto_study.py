@@ -9,7 +9,7 @@ search never scored. The table pairs each run's exported winner with the best of
     python experiments/auto_study.py --zoo smol --table                       # rebuild results/auto_math_smol.md
 
 Run directories: runs/auto-<zoo>/<row>/s<seed>, the row named by its sampler, trials, search items and
-layer groups (e.g. tpe-t120-l0.75-g6).
+layer groups (e.g. tpe-t100-l0.75-g6).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from study import ROOT, _ms, evomerge, write_keeping_notes  # noqa: E402
 
 # Per zoo: trials, search-time items (a share of the search items left after the select ones), layer groups, select.
 DEFAULTS = {"tiny": {"trials": 80, "limit": 0.5, "group": "global", "select": 100},
-            "smol": {"trials": 120, "limit": 0.75, "group": 6, "select": 100}}
+            "smol": {"trials": 100, "limit": 0.75, "group": 6, "select": 100}}
 
 
 def row_name(sampler: str, trials: int, limit: float, group: int | str) -> str:
