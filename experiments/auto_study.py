@@ -79,9 +79,9 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
              "test (picked with hindsight, so the comparison is conservative); the difference is paired over the same "
              "test items. Regenerate: see experiments/README.md. Table rebuilt "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
-             "| row | seed | exported winner | its method | search sample | select | test | best hand-set (test) "
-             "| winner − best hand-set | search − test | trials | wall min | eval s/cand |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | seed | exported winner | its method | search sample | select | test | best searched recipe (test) "
+             "| best other hand-set (test) | winner − best other hand-set | search − test | trials | wall min | eval s/cand |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     data: dict = {}
     for row_dir in sorted(d for d in runs.iterdir() if d.is_dir()) if runs.is_dir() else []:
         pairs, rows = [], []
@@ -96,10 +96,14 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
             se = held.get("se")
             gap = best["search_fitness"] - best["test_fitness"]
             ev = (s["timings"].get("per_candidate") or {}).get("eval_s", float("nan"))
+            searched = max((t for t in s.get("top", []) if t.get("baseline") is None and t.get("select_fitness") is not None),
+                           key=lambda t: t["select_fitness"], default=None)  # the one the winner rule weighed
+            hand = " (the winner is hand-set)" if best.get("baseline") else ""
             lines.append(f"| {row_dir.name} | {run.name[1:]} | {best['label']} | {method} | {best['search_fitness']:.3f} "
                          f"| {best.get('select_fitness') or float('nan'):.3f} | **{best['test_fitness']:.3f}** "
+                         f"| {searched['label'] + ' ' + format(searched['test_fitness'], '.3f') if searched else '–'} "
                          f"| {held.get('baseline', '–')} {base.get('test_fitness', float('nan')):.3f} "
-                         f"| {held.get('difference', float('nan')):+.3f} ± {se if se is not None else float('nan'):.3f} "
+                         f"| {held.get('difference', float('nan')):+.3f} ± {se if se is not None else float('nan'):.3f}{hand} "
                          f"| {gap:+.3f} | {s['trials']['finished']} | {s['timings'].get('total_s', 0) / 60:.0f} | {ev:.2f} |")
             rows.append({"seed": run.name, "winner": best["label"], "method": method, "test": best["test_fitness"],
                          "search": best["search_fitness"], "select": best.get("select_fitness"), "held_out": held,
@@ -113,7 +117,7 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
             diff, se = combined(pairs)
             entry["combined"] = {"seeds": len(pairs), "difference": diff, "se": se}
             gaps = [r["search"] - r["test"] for r in rows]
-            lines.append(f"| **{row_dir.name}, {len(pairs)} seeds combined** | | | | | | {_ms([r['test'] for r in rows])} | "
+            lines.append(f"| **{row_dir.name}, {len(pairs)} seeds combined** | | | | | | {_ms([r['test'] for r in rows])} | | "
                          f"| **{diff:+.3f} ± {se:.3f}** (z = {diff / se if se else float('nan'):.1f}) | {_ms(gaps)} | | | |")
         data[row_dir.name] = entry
     out.mkdir(parents=True, exist_ok=True)
