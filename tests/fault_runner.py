@@ -39,7 +39,8 @@ def plant(stage: str, nth: int) -> None:
     elif stage == "final":
         from evomerge.search.fitness import Scorer
 
-        _kill_on_call(Scorer, "score", nth, when=lambda self, model, split, limit: split == "test")
+        # the test split is scored item by item (the held-out report pairs it), where its metrics are means
+        _kill_on_call(Scorer, "score_per_item", nth, when=lambda self, model, split: split == "test")
     elif stage == "export":
         from evomerge.checkpoints import outdir, writer
 
