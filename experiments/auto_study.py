@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -61,15 +60,16 @@ def test_items(summary: dict) -> tuple[dict[str, list[float]], dict[str, list[fl
 
 def combined(pairs: list[tuple[dict[str, list[float]], dict[str, list[float]]]]) -> tuple[float, float]:
     """The seeds' mean winner-minus-baseline difference and its standard error, paired over the same test items:
-    each item's difference averaged over the seeds first, so items every seed gets right (or wrong) add no noise
-    and the seeds' shared items are not counted as independent evidence."""
-    tasks = sorted(pairs[0][0])
-    diff = var = 0.0
-    for t in tasks:
-        d = [statistics.mean(w[t][i] - b[t][i] for w, b in pairs) for i in range(len(pairs[0][0][t]))]
-        diff += statistics.mean(d) / len(tasks)
-        var += statistics.variance(d) / len(d) / len(tasks) ** 2
-    return diff, math.sqrt(var)
+    each item's scores averaged over the seeds first, so items every seed gets right (or wrong) add no noise
+    and the seeds' shared items are not counted as independent evidence (the SE is fitness.paired_se's)."""
+    from evomerge.search.fitness import paired_se
+
+    def over_seeds(side: int) -> dict[str, list[float]]:
+        return {t: [statistics.mean(p[side][t][i] for p in pairs) for i in range(len(v))] for t, v in pairs[0][0].items()}
+
+    win, base = over_seeds(0), over_seeds(1)
+    diff = statistics.mean(statistics.mean(win[t]) - statistics.mean(base[t]) for t in win)
+    return diff, paired_se(win, base)
 
 
 def build_table(runs: Path, zoo: str, out: Path) -> str:
@@ -121,7 +121,7 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
                          f"| **{diff:+.3f} ± {se:.3f}** (z = {diff / se if se else float('nan'):.1f}) | {_ms(gaps)} | | | |")
         data[row_dir.name] = entry
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"auto_math_{zoo}.json").write_text(json.dumps(data, indent=2))
+    (out / f"auto_math_{zoo}_study.json").write_text(json.dumps(data, indent=2))
     return write_keeping_notes(out / f"auto_math_{zoo}_study.md", "\n".join(lines) + "\n")
 
 
