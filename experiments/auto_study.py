@@ -33,11 +33,11 @@ def row_name(sampler: str, trials: int, limit: float, group: int | str) -> str:
 
 
 def run_row(runs: Path, zoo: str, sampler: str, trials: int, limit: float, group: int | str, select: int,
-            seeds: list[int]) -> None:
+            seeds: list[int], eval_dtype: str) -> None:
     row = row_name(sampler, trials, limit, group)
     for seed in seeds:
         evomerge(["+search=auto_math", f"sampler={sampler}", f"search.n_trials={trials}", f"search.limit={limit}",
-                  f"search.layers_per_group={group}", f"tasks.select={select}", "final.export_model=false"],
+                  f"search.layers_per_group={group}", f"tasks.select={select}", "final.export_model=false", f"eval_dtype={eval_dtype}"],
                  runs / row / f"s{seed}", zoo, seed)
 
 
@@ -144,6 +144,8 @@ def main() -> None:
     ap.add_argument("--limit", type=float, default=None, help="search-time share (or count) of each task's search items")
     ap.add_argument("--group", default=None, help="layers per gene group: an integer or global")
     ap.add_argument("--select", type=int, default=None, help="select items per task, carved out of the search items")
+    ap.add_argument("--eval-dtype", default="float32",
+                    help="float32 (the default: faster than bfloat16 on a CPU without AMX) or bfloat16")
     ap.add_argument("--table", action="store_true", help="only rebuild the table")
     ap.add_argument("--runs", type=Path, default=None, help="run directories (default: runs/auto-<zoo>)")
     ap.add_argument("--out", type=Path, default=ROOT / "results", help="where the table goes")
@@ -152,7 +154,7 @@ def main() -> None:
     runs = args.runs or ROOT / "runs" / f"auto-{args.zoo}"
     if not args.table:
         run_row(runs, args.zoo, args.sampler, args.trials or d["trials"], args.limit or d["limit"],
-                args.group or d["group"], args.select or d["select"], args.seeds)
+                args.group or d["group"], args.select or d["select"], args.seeds, args.eval_dtype)
     print(build_table(runs, args.zoo, args.out))
 
 

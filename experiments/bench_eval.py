@@ -1,6 +1,6 @@
 """Scoring a split: lm-eval's HFLM, evomerge's FastLM and a bare forward pass over the same tokens.
 
-Usage: python experiments/bench_eval.py [--shapes tiny,smol] [--kinds ll,gen] [--dtypes float32,bfloat16]
+Usage: python experiments/bench_eval.py [--shapes tiny,smol,smolzoo] [--kinds ll,gen] [--dtypes float32,bfloat16]
        [--limit 64] [--reps 3] [--batch-size 32] [--threads N] [--device cpu] [--out results/bench_eval]
 
 For each model shape, task kind and dtype, in one process and alternating rep by rep, it times
@@ -19,6 +19,9 @@ SmolLM2-135M's architecture (Llama, hidden 576, 30 layers, 9 heads, 3 KV heads, 
 49152, tied embeddings), fed the tiny zoo's character-level token ids for the same prompts (the
 smol zoo's BPE tokenizer also splits these prompts into single characters and digits). A random
 model never emits the newline that ends an answer, so its generations run to ``max_gen_toks``.
+``smolzoo`` is the smol zoo's real ``add`` specialist (SmolLM2-135M-Instruct fine-tuned) with its own
+tokenizer and the smol zoo's tasks (the zoo is built on first use): its answers stop at the newline
+after 2-4 tokens, as a search's candidates do.
 Tasks: ``ll`` = evomerge_add_ll + evomerge_sub_ll (4-way multiple choice), ``gen`` = evomerge_add +
 evomerge_sub (greedy, stop at newline, 8 tokens at most).
 """
@@ -115,12 +118,12 @@ def main() -> None:
     from evomerge.zoo import load_zoo
 
     device = torch.device(args.device)
-    zoo = load_zoo("tiny", progress=False)
-    tok = AutoTokenizer.from_pretrained(zoo.base)
     rows = []
     for shape in args.shapes.split(","):
-        base = AutoModelForCausalLM.from_pretrained(zoo.specialists["add"], dtype=torch.float32) if shape == "tiny" \
-            else smol_model()
+        zoo = load_zoo("smol" if shape == "smolzoo" else "tiny", progress=False)  # smolzoo: built on first use
+        tok = AutoTokenizer.from_pretrained(zoo.base)
+        base = smol_model() if shape == "smol" else \
+            AutoModelForCausalLM.from_pretrained(zoo.specialists["add"], dtype=torch.float32)
         for dtype_name in args.dtypes.split(","):
             model = base.to(device=device, dtype=getattr(torch, dtype_name)).eval()
             for kind in args.kinds.split(","):

@@ -91,6 +91,14 @@ def test_other_architectures_truncation_rolling_and_stops(tmp_path, arch, pack):
     _same_ll(ref_ll, fast.loglikelihood(_insts("loglikelihood", ll)))
     ref_gen = hf.generate_until(_insts("generate_until", gen_args))
     assert fast.generate_until(_insts("generate_until", gen_args)) == ref_gen
+    # generation batches hold a scoring batch's tokens (batch_size x max_length): here all seven rows in one;
+    # with batch_size 1 the rows go one or two at a time, the answers unchanged
+    prompts = {0: [5] * 18, 1: [5] * 10, 2: [5] * 2}
+    assert fast._gen_batches([0, 1, 2], prompts, 6) == [[0, 1, 2]]
+    one = FastLM(model, tok, batch_size=1, pack=pack, **kw)
+    assert one._gen_batches([0, 1, 2], prompts, 6) == [[0], [1], [2]]
+    assert one._gen_batches([1, 2], {1: [5] * 6, 2: [5] * 2}, 6) == [[1, 2]]
+    assert one.generate_until(_insts("generate_until", gen_args)) == ref_gen
     # stop sequences taken from those answers, shared by one batch: rows stop at different steps
     stops = sorted({next((g[k:k + 2] for k in range(2, len(g) - 1) if g.find(g[k:k + 2]) == k), "+-")
                     for g in ref_gen})  # two characters each answer has first after its start

@@ -8,7 +8,8 @@ stops. Here, for the same requests and the same answers:
   cache is expanded to one row per choice and the choices go on from it; logits and log-softmax are
   computed only at the scored positions; contexts are sorted by length so batches pad little;
 * generation: batched greedy decoding on the KV cache, a row leaving the batch as soon as it reaches
-  EOS, one of its stop sequences or ``max_gen_toks``.
+  EOS, one of its stop sequences or ``max_gen_toks``; batches as tall as the token budget of a
+  scoring batch allows (see ``_gen_batches``).
 
 Tokenisation, truncation, the empty-context prefix token, rolling windows, stop sequences and the
 text returned follow HFLM's rules exactly (tests compare both item by item). Nothing that depends on
@@ -241,6 +242,24 @@ class FastLM(TemplateLM):
         eos = gc.eos_token_id
         return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
 
+    def _gen_batches(self, order: list[int], prompts: dict[int, list[int]], max_gen: int) -> list[list[int]]:
+        """Generation batches over ``order`` (longest prompt first): as many rows as fit in the tokens of
+        a scoring batch of full-length rows (``batch_size x max_length``, the most HFLM ever holds).
+
+        A decoding step puts one token per row through the model, so its matmuls are as tall as the
+        batch has rows; with ``batch_size`` rows they are too short to run at the rate a teacher-forced
+        pass of the same tokens gets. Short prompts (the usual case) thus decode in one tall batch;
+        full-length prompts still go ``batch_size`` at a time, as HFLM's would.
+        """
+        budget = self.batch_size * self.max_length
+        batches: list[list[int]] = []
+        b = 0
+        while b < len(order):
+            rows = max(1, budget // (len(prompts[order[b]]) + max_gen))
+            batches.append(order[b:b + rows])
+            b += rows
+        return batches
+
     def generate_until(self, requests, disable_tqdm: bool = True) -> list[str]:
         args = [req.args for req in requests]
         by_kwargs: dict[str, list[int]] = {}
@@ -269,8 +288,7 @@ class FastLM(TemplateLM):
             prompts = {i: list(self._prompt(args[i][0]))[-max_ctx:] for i in idxs}
             order = sorted(idxs, key=lambda i: (-len(prompts[i]), args[i][0]))
             with torch.inference_mode():
-                for b in range(0, len(order), self.batch_size):
-                    chunk = order[b:b + self.batch_size]
+                for chunk in self._gen_batches(order, prompts, max_gen):
                     gens = greedy_generate(self.model, [prompts[i] for i in chunk], max_new=max_gen, eos_ids=eos_ids,
                                            stopped=stopped, pad_id=self._pad_id, device=self._device,
                                            fwd=self._fwd)
