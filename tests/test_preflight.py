@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from evomerge.evaluation.splits import SplitPlan, TaskSplits
 from evomerge.search import preflight
@@ -223,3 +224,15 @@ def test_the_items_digest_follows_the_items(tiny_zoo):
     assert a == digest(TaskSplits(search_split="train"))
     assert a != digest(TaskSplits(partition=Partition("test", 0.3, 0)))
     assert digest(TaskSplits(partition=Partition("test", 0.3, 0))) != digest(TaskSplits(partition=Partition("test", 0.3, 1)))
+
+
+def test_the_amx_probe_follows_torch_and_assumes_amx_where_torch_cannot_tell(monkeypatch):
+    """The bfloat16-on-this-CPU hint asks torch's oneDNN probe; a torch without the probe gets no hint."""
+    from evomerge.run.session import _cpu_has_amx
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert _cpu_has_amx() is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert _cpu_has_amx() is True
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert _cpu_has_amx() is True

@@ -71,6 +71,9 @@ class SearchSession:
         self.models = models
         start = time.perf_counter()
         self.device = _device(self.coord.device(self.config.device))
+        if self.config.eval_dtype == "bfloat16" and self.device.type == "cpu" and not _cpu_has_amx():
+            print("evomerge: eval_dtype=bfloat16 on a CPU without AMX, where bfloat16 matmuls are slower than "
+                  "float32 (results/search_speed.md); eval_dtype=float32 scores faster here.")
         self.scorer = Scorer(self._evaluator(), self.tasks, self.objectives)
         self._timed("evaluator_s", start)
         layout = layout_of(models.base or next(iter(self.sources.values())))
@@ -420,6 +423,14 @@ def _device(name: str) -> Any:
         return resolve_device(name)
     except EvomergeError as exc:
         raise ConfigError(f"device = {name!r}: {exc}") from None
+
+
+def _cpu_has_amx() -> bool:
+    """Whether oneDNN can use AMX tiles for bfloat16 here (torch's own probe; True where it has none)."""
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return True if probe is None else bool(probe())
 
 
 def _se_text(comp: dict[str, Any]) -> str:
