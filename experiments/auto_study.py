@@ -23,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import ROOT, _ms, evomerge, write_keeping_notes  # noqa: E402
 
+from evomerge.search.fitness import paired_se  # noqa: E402
+
 # Per zoo: trials, search-time items (a share of the search items left after the select ones), layer groups, select.
 DEFAULTS = {"tiny": {"trials": 80, "limit": 0.5, "group": "global", "select": 100},
             "smol": {"trials": 100, "limit": 0.75, "group": 6, "select": 100}}
@@ -41,8 +43,10 @@ def run_row(runs: Path, zoo: str, sampler: str, trials: int, limit: float, group
                  runs / row / f"s{seed}", zoo, seed)
 
 
-def test_items(summary: dict) -> tuple[dict[str, list[float]], dict[str, list[float]]] | None:
-    """The winner's and the held-out baseline's per-item test scores, from the run's study."""
+def test_items(summary: dict, trial: int | None = None,
+               baseline: str | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]]] | None:
+    """Per-item test scores of ``trial`` (default: the exported winner) and of ``baseline`` (default: the
+    held-out one, the best hand-set recipe by test other than the winner), from the run's study."""
     import optuna
 
     from evomerge.search import record
@@ -53,8 +57,9 @@ def test_items(summary: dict) -> tuple[dict[str, list[float]], dict[str, list[fl
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=summary["study"], storage=summary["storage"])
     final = record.final_scores(study)
-    win = final[summary["best"]["trial"]].test_items
-    base = final[summary["baselines"][held["baseline"]]["trial"]].test_items
+    one = final.get(summary["best"]["trial"] if trial is None else trial)
+    win = one.test_items if one is not None else None
+    base = final[summary["baselines"][baseline or held["baseline"]]["trial"]].test_items
     return (win, base) if win is not None and base is not None else None
 
 
@@ -62,8 +67,6 @@ def combined(pairs: list[tuple[dict[str, list[float]], dict[str, list[float]]]])
     """The seeds' mean winner-minus-baseline difference and its standard error, paired over the same test items:
     each item's scores averaged over the seeds first, so items every seed gets right (or wrong) add no noise
     and the seeds' shared items are not counted as independent evidence (the SE is fitness.paired_se's)."""
-    from evomerge.search.fitness import paired_se
-
     def over_seeds(side: int) -> dict[str, list[float]]:
         return {t: [statistics.mean(p[side][t][i] for p in pairs) for i in range(len(v))] for t, v in pairs[0][0].items()}
 
@@ -80,11 +83,12 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
              "test items. Regenerate: see experiments/README.md. Table rebuilt "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
              "| row | seed | exported winner | its method | search sample | select | test | best searched recipe (test) "
-             "| best other hand-set (test) | winner − best other hand-set | search − test | trials | wall min | eval s/cand |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| best other hand-set (test) | winner − best other hand-set | best searched − best hand-set "
+             "| search − test | trials | wall min | eval s/cand |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     data: dict = {}
     for row_dir in sorted(d for d in runs.iterdir() if d.is_dir()) if runs.is_dir() else []:
-        pairs, rows = [], []
+        pairs, searched_pairs, rows = [], [], []
         for run in sorted(row_dir.glob("s*")):
             f = run / "summary.json"
             if not f.is_file():
@@ -99,12 +103,19 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
             searched = max((t for t in s.get("top", []) if t.get("baseline") is None and t.get("select_fitness") is not None),
                            key=lambda t: t["select_fitness"], default=None)  # the one the winner rule weighed
             hand = " (the winner is hand-set)" if best.get("baseline") else ""
+            # the searched recipe the rule weighed, against the best hand-set recipe by test (the winner included)
+            top_hand = max(s["baselines"], key=lambda k: s["baselines"][k].get("test_fitness") or -1.0)
+            s_items = test_items(s, searched["trial"], top_hand) if searched else None
+            if s_items is not None:
+                searched_pairs.append(s_items)
+            s_diff = (f"{searched['test_fitness'] - s['baselines'][top_hand]['test_fitness']:+.3f} ± "
+                      f"{paired_se(*s_items):.3f} (vs {top_hand})" if s_items is not None else "–")
             lines.append(f"| {row_dir.name} | {run.name[1:]} | {best['label']} | {method} | {best['search_fitness']:.3f} "
                          f"| {best.get('select_fitness') or float('nan'):.3f} | **{best['test_fitness']:.3f}** "
                          f"| {searched['label'] + ' ' + format(searched['test_fitness'], '.3f') if searched else '–'} "
                          f"| {held.get('baseline', '–')} {base.get('test_fitness', float('nan')):.3f} "
                          f"| {held.get('difference', float('nan')):+.3f} ± {se if se is not None else float('nan'):.3f}{hand} "
-                         f"| {gap:+.3f} | {s['trials']['finished']} | {s['timings'].get('total_s', 0) / 60:.0f} | {ev:.2f} |")
+                         f"| {s_diff} | {gap:+.3f} | {s['trials']['finished']} | {s['timings'].get('total_s', 0) / 60:.0f} | {ev:.2f} |")
             rows.append({"seed": run.name, "winner": best["label"], "method": method, "test": best["test_fitness"],
                          "search": best["search_fitness"], "select": best.get("select_fitness"), "held_out": held,
                          "wall_s": s["timings"].get("total_s")})
@@ -117,8 +128,14 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
             diff, se = combined(pairs)
             entry["combined"] = {"seeds": len(pairs), "difference": diff, "se": se}
             gaps = [r["search"] - r["test"] for r in rows]
+            s_text = "–"
+            if len(searched_pairs) == len(pairs):
+                s_diff, s_se = combined(searched_pairs)
+                entry["combined_searched"] = {"seeds": len(pairs), "difference": s_diff, "se": s_se}
+                s_text = f"**{s_diff:+.3f} ± {s_se:.3f}** (z = {s_diff / s_se if s_se else float('nan'):.1f})"
             lines.append(f"| **{row_dir.name}, {len(pairs)} seeds combined** | | | | | | {_ms([r['test'] for r in rows])} | | "
-                         f"| **{diff:+.3f} ± {se:.3f}** (z = {diff / se if se else float('nan'):.1f}) | {_ms(gaps)} | | | |")
+                         f"| **{diff:+.3f} ± {se:.3f}** (z = {diff / se if se else float('nan'):.1f}) | {s_text} "
+                         f"| {_ms(gaps)} | | | |")
         data[row_dir.name] = entry
     out.mkdir(parents=True, exist_ok=True)
     (out / f"auto_math_{zoo}_study.json").write_text(json.dumps(data, indent=2))
