@@ -43,24 +43,22 @@ def run_row(runs: Path, zoo: str, sampler: str, trials: int, limit: float, group
                  runs / row / f"s{seed}", zoo, seed)
 
 
-def test_items(summary: dict, trial: int | None = None,
-               baseline: str | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]]] | None:
-    """Per-item test scores of ``trial`` (default: the exported winner) and of ``baseline`` (default: the
-    held-out one, the best hand-set recipe by test other than the winner), from the run's study."""
+def final_scores(summary: dict) -> dict:
+    """The run's re-scored candidates by trial number (FinalScores, with their per-item test scores), read once."""
     import optuna
 
     from evomerge.search import record
 
-    held = summary.get("held_out")
-    if not held:
-        return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=summary["study"], storage=summary["storage"])
-    final = record.final_scores(study)
-    one = final.get(summary["best"]["trial"] if trial is None else trial)
+    return record.final_scores(optuna.load_study(study_name=summary["study"], storage=summary["storage"]))
+
+
+def test_items(final: dict, trial: int, baseline: int) -> tuple[dict[str, list[float]], dict[str, list[float]]] | None:
+    """The per-item test scores of ``trial`` and of ``baseline`` (trial numbers), where both kept them."""
+    one, base = final.get(trial), final.get(baseline)
     win = one.test_items if one is not None else None
-    base = final[summary["baselines"][baseline or held["baseline"]]["trial"]].test_items
-    return (win, base) if win is not None and base is not None else None
+    ref = base.test_items if base is not None else None
+    return (win, ref) if win is not None and ref is not None else None
 
 
 def combined(pairs: list[tuple[dict[str, list[float]], dict[str, list[float]]]]) -> tuple[float, float]:
@@ -105,7 +103,8 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
             hand = " (the winner is hand-set)" if best.get("baseline") else ""
             # the searched recipe the rule weighed, against the best hand-set recipe by test (the winner included)
             top_hand = max(s["baselines"], key=lambda k: s["baselines"][k].get("test_fitness") or -1.0)
-            s_items = test_items(s, searched["trial"], top_hand) if searched else None
+            final = final_scores(s) if held else {}
+            s_items = test_items(final, searched["trial"], s["baselines"][top_hand]["trial"]) if searched else None
             if s_items is not None:
                 searched_pairs.append(s_items)
             s_diff = (f"{searched['test_fitness'] - s['baselines'][top_hand]['test_fitness']:+.3f} ± "
@@ -119,7 +118,7 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
             rows.append({"seed": run.name, "winner": best["label"], "method": method, "test": best["test_fitness"],
                          "search": best["search_fitness"], "select": best.get("select_fitness"), "held_out": held,
                          "wall_s": s["timings"].get("total_s")})
-            if (items := test_items(s)) is not None:
+            if held and (items := test_items(final, best["trial"], s["baselines"][held["baseline"]]["trial"])):
                 pairs.append(items)
         if not rows:
             continue
@@ -130,9 +129,9 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
             gaps = [r["search"] - r["test"] for r in rows]
             s_text = "–"
             if len(searched_pairs) == len(pairs):
-                s_diff, s_se = combined(searched_pairs)
-                entry["combined_searched"] = {"seeds": len(pairs), "difference": s_diff, "se": s_se}
-                s_text = f"**{s_diff:+.3f} ± {s_se:.3f}** (z = {s_diff / s_se if s_se else float('nan'):.1f})"
+                c_diff, c_se = combined(searched_pairs)
+                entry["combined_searched"] = {"seeds": len(pairs), "difference": c_diff, "se": c_se}
+                s_text = f"**{c_diff:+.3f} ± {c_se:.3f}** (z = {c_diff / c_se if c_se else float('nan'):.1f})"
             lines.append(f"| **{row_dir.name}, {len(pairs)} seeds combined** | | | | | | {_ms([r['test'] for r in rows])} | | "
                          f"| **{diff:+.3f} ± {se:.3f}** (z = {diff / se if se else float('nan'):.1f}) | {s_text} "
                          f"| {_ms(gaps)} | | | |")
