@@ -5,9 +5,10 @@
     python experiments/dataflow_study.py --zoo smol --table               # rebuild results/dataflow_smol.md only
 
 Each run is ``evomerge +search=dataflow_math models=ZOO OVERRIDES search.n_trials=T seed=S`` in
-runs/dataflow-<zoo>/<row>/s<seed> (resumable). The table reads every finished run's summary.json and
-trials.csv: the winner, the best searched stack (re-scored on every search item and on test), the
-baselines, and the per-candidate cost. (results/dataflow_tiny.md was made by this script's first version,
+runs/dataflow-<zoo>/<row>/s<seed> (resumable). A finished run's summary.json and trials.csv are kept in
+results/dataflow_<zoo>_runs/<row>/s<seed>, so that seeds run in different sessions (each on a fresh
+checkout, without runs/) add up to one table. The table reads every kept run: the winner, the best
+searched stack (re-scored on every search item and on test), the baselines, and the per-candidate cost. (results/dataflow_tiny.md was made by this script's first version,
 whose run directories had no seed level.)
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,20 +42,26 @@ ZOOS = {
 }
 
 
-def run(root: Path, zoo: str, row: str, trials: int, seed: int) -> None:
+KEPT = ("summary.json", "trials.csv")  # what the table reads of a run
+
+
+def run(root: Path, keep: Path, zoo: str, row: str, trials: int, seed: int) -> None:
     out = root / row / f"s{seed}"
     cmd = [sys.executable, "-m", "evomerge.run.app", "+search=dataflow_math", f"models={zoo}", *ROWS[row],
            *ZOOS[zoo]["extra"], f"search.n_trials={trials}", f"seed={seed}", "progress=false",
            f"study_name=dataflow-{zoo}-{row}-s{seed}", f"hydra.run.dir={out}"]
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
+    (keep / row / out.name).mkdir(parents=True, exist_ok=True)
+    for name in KEPT:
+        shutil.copy2(out / name, keep / row / out.name / name)
 
 
 def _f(v: object) -> str:
     return "" if v is None else f"{float(v):.3f}"  # type: ignore[arg-type]
 
 
-def table(root: Path, zoo: str, trials: int) -> str:
+def table(kept: Path, zoo: str, trials: int) -> str:
     extra = " ".join(ZOOS[zoo]["extra"])
     lines = [f"# Data-flow search on the {zoo} zoo", "",
              f"One run per row and seed, {trials} trials (baselines included), the zoo's math specialists, "
@@ -69,7 +77,7 @@ def table(root: Path, zoo: str, trials: int) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     baselines: dict = {}
     for row, over in ROWS.items():
-        for run_dir in sorted((root / row).glob("s*")):
+        for run_dir in sorted((kept / row).glob("s*")):
             path = run_dir / "summary.json"
             if path.is_file():
                 summ = json.loads(path.read_text())
@@ -118,6 +126,9 @@ def main() -> None:
     p.add_argument("--zoo", choices=sorted(ZOOS), default="tiny")
     p.add_argument("--rows", nargs="+", default=None, help=f"rows to run (default: the zoo's); all: {', '.join(ROWS)}")
     p.add_argument("--root", type=Path, default=None, help="run directories (default: runs/dataflow-<zoo>)")
+    p.add_argument("--keep", type=Path, default=None,
+                   help="where finished runs' summary.json and trials.csv are kept and the table reads them "
+                        "(default: results/dataflow_<zoo>_runs)")
     p.add_argument("--trials", type=int, default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--table", action="store_true", help="rebuild the table from finished runs only")
@@ -125,18 +136,19 @@ def main() -> None:
     a = p.parse_args()
     z = ZOOS[a.zoo]
     root, trials = a.root or ROOT / "runs" / f"dataflow-{a.zoo}", a.trials or z["trials"]
+    keep = a.keep or ROOT / "results" / f"dataflow_{a.zoo}_runs"
     unknown = set(a.rows or []) - set(ROWS)
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}; rows: {', '.join(ROWS)}")
     if not a.table:
         for row in a.rows or z["rows"]:
             for seed in a.seeds:
-                run(root, a.zoo, row, trials, seed)
+                run(root, keep, a.zoo, row, trials, seed)
     out = a.out or ROOT / "results" / f"dataflow_{a.zoo}.md"
-    if not any(any((root / row).glob("s*/summary.json")) for row in ROWS):
-        raise SystemExit(f"no finished run under {root}: {out} left as it is")
+    if not any(any((keep / row).glob("s*/summary.json")) for row in ROWS):
+        raise SystemExit(f"no finished run kept under {keep}: {out} left as it is")
     notes = out.read_text().split(NOTES, 1)[1] if out.is_file() and NOTES in out.read_text() else "\n"
-    out.write_text(table(root, a.zoo, trials) + "\n" + NOTES + notes)
+    out.write_text(table(keep, a.zoo, trials) + "\n" + NOTES + notes)
     print(out.read_text())
 
 
