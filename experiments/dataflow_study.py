@@ -141,8 +141,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}; rows: {', '.join(ROWS)}")
     if not a.table:
-        for row in a.rows or z["rows"]:
-            for seed in a.seeds:
+        for seed in a.seeds:  # seed by seed: a session that stops early leaves whole seeds
+            for row in a.rows or z["rows"]:
                 run(root, keep, a.zoo, row, trials, seed)
     out = a.out or ROOT / "results" / f"dataflow_{a.zoo}.md"
     if not any(any((keep / row).glob("s*/summary.json")) for row in ROWS):
