@@ -27,7 +27,7 @@ from evomerge.search.fitness import paired_se  # noqa: E402
 
 # Per zoo: trials, search-time items (a share of the search items left after the select ones), layer groups, select.
 DEFAULTS = {"tiny": {"trials": 80, "limit": 0.5, "group": "global", "select": 100},
-            "smol": {"trials": 100, "limit": 0.75, "group": 6, "select": 100}}
+            "smol": {"trials": 60, "limit": 0.5, "group": 6, "select": 600}}
 
 
 def row_name(sampler: str, trials: int, limit: float, group: int | str) -> str:

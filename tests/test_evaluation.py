@@ -9,7 +9,7 @@ import torch
 
 from evomerge.errors import ConfigError
 from evomerge.evaluation import N_SEARCH, N_TEST, SKILLS, Evaluator, eval_items, materialise_tasks
-from evomerge.evaluation.data import held_out_prompts, train_items
+from evomerge.evaluation.data import ItemCounts, held_out_prompts, train_items
 from evomerge.evaluation.taskdir import task_groups
 
 
@@ -28,6 +28,17 @@ def test_splits_are_disjoint_sized_and_deterministic(skill):
     assert not {p for p, _ in train_items(skill, 2000, seed=0, exclude=held)} & held
 
 
+def test_a_zoo_with_more_search_items_keeps_the_test_items_and_the_first_search_items():
+    default, more = eval_items("sub"), eval_items("sub", counts=ItemCounts(search=450, test=N_TEST))
+    assert more["test"] == default["test"] and more["search"][:N_SEARCH] == default["search"]
+    assert len(more["search"]) == 450 and not {d["prompt"] for d in more["search"]} & {d["prompt"] for d in more["test"]}
+    held = held_out_prompts(["sub"], counts=ItemCounts(search=450, test=N_TEST))
+    assert held > held_out_prompts(["sub"]) and len(held) == 450 + N_TEST
+    with pytest.raises(ValueError, match="positive"):
+        ItemCounts(search=0)
+    assert ItemCounts.of(None) == ItemCounts() and ItemCounts.of({"search": 7, "test": 9}) == ItemCounts(7, 9)
+
+
 def test_materialised_tasks_use_absolute_existing_paths(tmp_path):
     task_dir = materialise_tasks(tmp_path / "tasks", ["add", "rev"])
     names = sorted(p.stem for p in task_dir.glob("evomerge_*.yaml"))
@@ -39,6 +50,9 @@ def test_materialised_tasks_use_absolute_existing_paths(tmp_path):
         assert f"{split}: {path}" in text and path.is_absolute()
         assert len(path.read_text().splitlines()) == (N_SEARCH if split == "search" else N_TEST)
     assert task_groups(["add", "sub", "rev"])["math"] == ["evomerge_add", "evomerge_sub"]
+    task_dir = materialise_tasks(tmp_path / "more", ["add"], counts=ItemCounts(search=320, test=40))
+    assert [len((task_dir / "data" / "add" / f"{split}.jsonl").read_text().splitlines())
+            for split in ("search", "test")] == [320, 40]
 
 
 def test_tasks_load_in_lm_eval_and_splits_select_the_data(tiny_zoo):

@@ -31,6 +31,19 @@ def test_layout_and_manifest(tiny_zoo):
     assert not list(tiny_zoo.root.parent.glob(".tiny.build-*"))
 
 
+def test_moved_cache_rewrites_its_tasks_with_the_counts_the_zoo_was_built_with(tiny_zoo, tmp_path):
+    moved = tmp_path / "zoo" / "tiny"
+    shutil.copytree(tiny_zoo.root, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    assert manifest["eval_items"] == {"search": 300, "test": 500}
+    manifest["eval_items"] = {"search": 310, "test": 500}  # as a zoo built with other counts records them
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    zoo = build_zoo("tiny", cache_dir=tmp_path, progress=False)
+    assert zoo.from_cache and zoo.task_dir == moved / "tasks"
+    assert str(moved / "tasks" / "data") in (zoo.task_dir / "evomerge_add.yaml").read_text()
+    assert len((zoo.task_dir / "data" / "add" / "search.jsonl").read_text().splitlines()) == 310
+
+
 def test_second_build_is_a_cache_hit(tiny_zoo):
     t0 = time.perf_counter()
     again = build_zoo("tiny", progress=False)

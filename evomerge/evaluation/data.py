@@ -16,9 +16,12 @@ Skills (prompt -> answer):
 * ``rev``: reverse a lower-case word of 3-6 letters, ``rev(abcd)=`` -> ``dcba``
   (non-math; more than 300 million possible items)
 
-Each skill has :data:`N_SEARCH` = 300 search items and :data:`N_TEST` = 500 test items.
-With 500 paired items a 5-point gap between two models is about 2.2 standard errors
-or more (paired binomial, worst case), which is why the test split is that size.
+Each skill has :data:`N_SEARCH` = 300 search items and :data:`N_TEST` = 500 test items
+unless a zoo asks for other counts (:class:`ItemCounts`; the smol zoo holds more search
+items, so that a select split can tell small gains apart). With 500 paired items a 5-point
+gap between two models is about 2.2 standard errors or more (paired binomial, worst case),
+which is why the test split is that size. The test items are drawn first, so a zoo with more
+search items has the same test items and the same first search items as one with fewer.
 Each item also carries three near-miss distractors for the log-likelihood
 (multiple-choice) variant of the task.
 """
@@ -34,6 +37,24 @@ from typing import Callable
 N_SEARCH = 300
 N_TEST = 500
 SPLITS = ("search", "test")
+
+
+@dataclass(frozen=True)
+class ItemCounts:
+    """How many generated items each split of a skill holds. A zoo fixes them before it trains (its
+    specialists never see one of them), so other counts mean another zoo, rebuilt."""
+
+    search: int = N_SEARCH
+    test: int = N_TEST
+
+    def __post_init__(self) -> None:
+        if self.search < 1 or self.test < 1:
+            raise ValueError(f"item counts must be positive, got search={self.search}, test={self.test}")
+
+    @classmethod
+    def of(cls, record: dict | None) -> "ItemCounts":
+        """From a zoo manifest's ``eval_items`` (a zoo built before they were recorded: the defaults)."""
+        return cls(**record) if record else cls()
 
 
 @dataclass(frozen=True)
@@ -158,8 +179,8 @@ def _rng(seed: int, *parts: str) -> random.Random:
     return random.Random(f"{seed}/" + "/".join(parts))
 
 
-def eval_items(skill: str, seed: int = 0) -> dict[str, list[dict]]:
-    """The search and test items of a skill: split -> list of documents.
+def eval_items(skill: str, seed: int = 0, counts: ItemCounts = ItemCounts()) -> dict[str, list[dict]]:
+    """The search and test items of a skill: split -> list of documents (``counts`` of each).
 
     Documents are lm-eval docs: ``prompt``, ``answer``, ``choices`` (answer plus three
     distractors, shuffled) and ``label`` (index of the answer in ``choices``).
@@ -168,7 +189,7 @@ def eval_items(skill: str, seed: int = 0) -> dict[str, list[dict]]:
     rng = _rng(seed, "eval", skill)
     seen: set[str] = set()
     out: dict[str, list[dict]] = {}
-    for split, n in (("test", N_TEST), ("search", N_SEARCH)):
+    for split, n in (("test", counts.test), ("search", counts.search)):
         docs: list[dict] = []
         while len(docs) < n:
             prompt, answer = sk.sample(rng)
@@ -183,9 +204,9 @@ def eval_items(skill: str, seed: int = 0) -> dict[str, list[dict]]:
     return out
 
 
-def held_out_prompts(skills: list[str], seed: int = 0) -> set[str]:
+def held_out_prompts(skills: list[str], seed: int = 0, counts: ItemCounts = ItemCounts()) -> set[str]:
     """Every prompt in any search or test split: training must never see these."""
-    return {d["prompt"] for s in skills for docs in eval_items(s, seed).values() for d in docs}
+    return {d["prompt"] for s in skills for docs in eval_items(s, seed, counts).values() for d in docs}
 
 
 def train_items(skill: str, n: int, seed: int, exclude: set[str]) -> list[tuple[str, str]]:
@@ -200,12 +221,13 @@ def train_items(skill: str, n: int, seed: int, exclude: set[str]) -> list[tuple[
     return out
 
 
-def write_eval_data(out_dir: Path, skills: list[str], seed: int = 0) -> dict[str, dict[str, Path]]:
+def write_eval_data(out_dir: Path, skills: list[str], seed: int = 0,
+                    counts: ItemCounts = ItemCounts()) -> dict[str, dict[str, Path]]:
     """Write ``<out_dir>/<skill>/<split>.jsonl``; returns skill -> split -> absolute path."""
     paths: dict[str, dict[str, Path]] = {}
     for skill in skills:
         paths[skill] = {}
-        for split, docs in eval_items(skill, seed).items():
+        for split, docs in eval_items(skill, seed, counts).items():
             p = (out_dir / skill / f"{split}.jsonl").resolve()
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text("".join(json.dumps(d) + "\n" for d in docs))

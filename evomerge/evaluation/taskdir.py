@@ -16,7 +16,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from evomerge.evaluation.data import SKILLS, write_eval_data
+from evomerge.evaluation.data import SKILLS, ItemCounts, write_eval_data
 
 PREFIX = "evomerge_"
 PLACEHOLDER = "${DATA_DIR}"
@@ -46,21 +46,23 @@ def _templates() -> list[tuple[str, str]]:
 
 
 def materialise_tasks(
-    task_dir: Path, skills: list[str] | None = None, seed: int = 0, *, final_dir: Path | None = None
+    task_dir: Path, skills: list[str] | None = None, seed: int = 0, *, final_dir: Path | None = None,
+    counts: ItemCounts = ItemCounts(),
 ) -> Path:
     """Write data and task YAMLs for ``skills`` into ``task_dir`` (replaced atomically).
 
     ``final_dir`` is where the directory will live when a caller builds it in a
     temporary place and renames it later (the zoo does): the YAMLs must name the
-    data's final absolute path. Returns the absolute task directory. YAMLs of skills
-    not asked for are left out, so an include_path never names a task without data.
+    data's final absolute path. ``counts``: the items per split (the zoo's own). Returns
+    the absolute task directory. YAMLs of skills not asked for are left out, so an
+    include_path never names a task without data.
     """
     skills = list(SKILLS) if skills is None else skills
     task_dir = Path(task_dir).resolve()
     task_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{task_dir.name}.", dir=task_dir.parent))
     try:
-        write_eval_data(tmp / "data", skills, seed)
+        write_eval_data(tmp / "data", skills, seed, counts)
         wanted = {f"{task_name(s, ll)}.yaml" for s in skills for ll in (False, True)}
         data_dir = str(Path(final_dir or task_dir).resolve() / "data")
         for name, text in _templates():

@@ -11,6 +11,7 @@ builders (two test sessions, two engineers) so the work is done once.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from types import ModuleType
 
 from evomerge.errors import ZooError
 from evomerge.locks import FileMutex
+from evomerge.evaluation.data import ItemCounts
 from evomerge.evaluation.taskdir import materialise_tasks, task_groups, tasks_need_refresh
 
 ZOO_NAMES = ("tiny", "smol")
@@ -117,9 +119,10 @@ def _open_permissions(root: Path) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def _refresh_tasks(zoo: Zoo, seed: int, skills: list[str]) -> None:
+def _refresh_tasks(zoo: Zoo) -> None:
     if tasks_need_refresh(zoo.task_dir):  # the cache was moved: YAMLs name old paths
-        materialise_tasks(zoo.task_dir, skills, seed)
+        materialise_tasks(zoo.task_dir, zoo.manifest["skills"], zoo.manifest["seed"],
+                          counts=ItemCounts.of(zoo.manifest.get("eval_items")))
 
 
 def build_zoo(
@@ -133,7 +136,7 @@ def build_zoo(
     root = zoo_dir(name, cache_dir)
     recipe = _recipe(name)
     if not force and (zoo := _cached(name, root)) is not None:
-        _refresh_tasks(zoo, zoo.manifest["seed"], zoo.manifest["skills"])
+        _refresh_tasks(zoo)
         return zoo
     recipe.check_requirements()
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -146,13 +149,14 @@ def build_zoo(
         try:
             info = recipe.build(tmp, progress=progress, from_scratch=from_scratch)
             skills = list(info["skills"])
-            materialise_tasks(tmp / "tasks", skills, info["seed"], final_dir=root / "tasks")
+            materialise_tasks(tmp / "tasks", skills, info["seed"], final_dir=root / "tasks", counts=recipe.EVAL_ITEMS)
             manifest = {
                 "name": name,
                 "config_hash": digest,
                 "format": FORMAT_VERSION,
                 "seed": info["seed"],
                 "skills": skills,
+                "eval_items": dataclasses.asdict(recipe.EVAL_ITEMS),
                 "specialists": info["specialists"],
                 "tasks": {**task_groups(skills), **info.get("task_groups", {})},
                 "build_seconds": round(time.perf_counter() - t0, 1),

@@ -34,14 +34,17 @@ the zoo's config hash, so a new file rebuilds every cached tiny zoo).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from pathlib import Path
 
+from evomerge.evaluation.data import ItemCounts
 from evomerge.zoo.train import TrainConfig, build_info, train, train_specialists
 
 SEED = 0
 SKILLS = ["add", "sub", "rev"]
+EVAL_ITEMS = ItemCounts()  # 300 search items (100 of them select: conf/models/tiny.yaml) and 500 test per skill
 MODEL = dict(
     hidden_size=128,
     intermediate_size=512,
@@ -78,6 +81,7 @@ def spec() -> dict:
     return {
         "seed": SEED,
         "skills": SKILLS,
+        "eval_items": dataclasses.asdict(EVAL_ITEMS),
         "model": MODEL,
         "max_length": MAX_LENGTH,
         "pretrain": PRETRAIN.as_dict(),
@@ -101,7 +105,7 @@ def build(out: Path, *, progress: bool = True, from_scratch: bool = False) -> di
     from evomerge.zoo.tokenizer import char_tokenizer
 
     tokenizer = char_tokenizer(MAX_LENGTH)
-    exclude = held_out_prompts(SKILLS, SEED)
+    exclude = held_out_prompts(SKILLS, SEED, EVAL_ITEMS)
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id)
     config = LlamaConfig(vocab_size=len(tokenizer), **ids, **MODEL)

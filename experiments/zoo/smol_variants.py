@@ -64,7 +64,7 @@ def main() -> None:
     zoo = load_zoo("smol", progress=False)
     tokenizer = AutoTokenizer.from_pretrained(zoo.base)
     model = AutoModelForCausalLM.from_pretrained(zoo.base, dtype=torch.float32)
-    exclude = held_out_prompts(smol.SKILLS, smol.SEED)
+    exclude = held_out_prompts(smol.SKILLS, smol.SEED, smol.EVAL_ITEMS)
     if args.format_steps:
         mix = {s: 1.0 / len(smol.SKILLS) for s in smol.SKILLS}
         fmt = dataclasses.replace(smol.SPECIALISTS["add"], mix=mix, steps=args.format_steps, seed=smol.SEED + 7)
