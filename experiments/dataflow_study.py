@@ -43,7 +43,8 @@ ZOOS = {
 }
 
 
-KEPT = ("summary.json", "trials.csv")  # what the table reads of a run
+# What is kept of a run: what the table reads, and a PS-then-DFS row's parameter-space summary (its own baselines)
+KEPT = ("summary.json", "trials.csv", "parameter_space/summary.json")
 
 
 def run(root: Path, keep: Path, zoo: str, row: str, trials: int, seed: int) -> None:
@@ -53,9 +54,10 @@ def run(root: Path, keep: Path, zoo: str, row: str, trials: int, seed: int) -> N
            f"study_name=dataflow-{zoo}-{row}-s{seed}", f"hydra.run.dir={out}"]
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
-    (keep / row / out.name).mkdir(parents=True, exist_ok=True)
     for name in KEPT:
-        shutil.copy2(out / name, keep / row / out.name / name)
+        if (out / name).is_file():
+            (keep / row / out.name / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(out / name, keep / row / out.name / name)
 
 
 def _f(v: object) -> str:
