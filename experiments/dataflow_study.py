@@ -1,7 +1,7 @@
 """The data-flow search, one row per sampler (and PS-then-DFS): does a searched layer stack beat the sources?
 
     python experiments/dataflow_study.py                                  # tiny zoo, every row, seed 0
-    python experiments/dataflow_study.py --zoo smol --seeds 0 1 2         # the smol zoo's rows (tpe, tpe-r1, ps-tpe)
+    python experiments/dataflow_study.py --zoo smol --seeds 0 1 2         # the smol zoo's rows (tpe, tpe-r1, tpe-r1-noscale, ps-tpe)
     python experiments/dataflow_study.py --zoo smol --table               # rebuild results/dataflow_smol.md only
 
 Each run is ``evomerge +search=dataflow_math models=ZOO OVERRIDES search.n_trials=T seed=S`` in
@@ -29,6 +29,7 @@ ROWS = {  # row -> overrides of `evomerge +search=dataflow_math`
     "random": ["sampler=random"],
     "tpe-noscale": ["sampler=tpe", "search.scale=null"],  # no scale genes: every slot's scale is 1
     "tpe-r1": ["sampler=tpe", "search.repeats=1"],  # one pass: each depth's layer from one source (or skipped)
+    "tpe-r1-noscale": ["sampler=tpe", "search.repeats=1", "search.scale=null"],  # ... and no scale genes
     # PS-then-DFS: ties_math (its default 60 trials, CMA-ES), then the data-flow search over add, sub and ps
     "ps-cmaes": ["search.parameter_space=ties_math"],
     "ps-tpe": ["sampler=tpe", "search.parameter_space={search: ties_math, n_trials: 40}"],  # TPE for both
@@ -39,7 +40,7 @@ ROWS = {  # row -> overrides of `evomerge +search=dataflow_math`
 ZOOS = {
     "tiny": {"rows": list(ROWS), "trials": 40, "extra": []},
     # ps-tpe: ties_math's per-layer-group TIES by TPE (40 trials), then the data-flow search over its winner too
-    "smol": {"rows": ["tpe", "tpe-r1", "ps-tpe"], "trials": 40, "extra": ["eval_dtype=float32", "final.export_model=false"]},
+    "smol": {"rows": ["tpe", "tpe-r1", "tpe-r1-noscale", "ps-tpe"], "trials": 40, "extra": ["eval_dtype=float32", "final.export_model=false"]},
 }
 
 
