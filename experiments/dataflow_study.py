@@ -8,8 +8,8 @@ Each run is ``evomerge +search=dataflow_math models=ZOO OVERRIDES search.n_trial
 runs/dataflow-<zoo>/<row>/s<seed> (resumable). A finished run's summary.json and trials.csv are kept in
 results/dataflow_<zoo>_runs/<row>/s<seed>, so that seeds run in different sessions (each on a fresh
 checkout, without runs/) add up to one table. The table reads every kept run: the winner, the best
-searched stack (re-scored on every search item and on test), the baselines, and the per-candidate cost. (results/dataflow_tiny.md was made by this script's first version,
-whose run directories had no seed level.)
+searched stack (re-scored on every search item and on test), the baselines, and the per-candidate cost.
+(results/dataflow_tiny.md was made by this script's first version, whose run directories had no seed level.)
 """
 from __future__ import annotations
 

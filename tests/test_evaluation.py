@@ -36,7 +36,7 @@ def test_a_zoo_with_more_search_items_keeps_the_test_items_and_the_first_search_
     assert held > held_out_prompts(["sub"]) and len(held) == 450 + N_TEST
     with pytest.raises(ValueError, match="positive"):
         ItemCounts(search=0)
-    assert ItemCounts.of(None) == ItemCounts() and ItemCounts.of({"search": 7, "test": 9}) == ItemCounts(7, 9)
+    assert ItemCounts(**ItemCounts(7, 9).as_dict()) == ItemCounts(7, 9)
 
 
 def test_materialised_tasks_use_absolute_existing_paths(tmp_path):

@@ -51,10 +51,9 @@ class ItemCounts:
         if self.search < 1 or self.test < 1:
             raise ValueError(f"item counts must be positive, got search={self.search}, test={self.test}")
 
-    @classmethod
-    def of(cls, record: dict | None) -> "ItemCounts":
-        """From a zoo manifest's ``eval_items`` (a zoo built before they were recorded: the defaults)."""
-        return cls(**record) if record else cls()
+    def as_dict(self) -> dict[str, int]:
+        """As the zoo's spec and manifest record them (``ItemCounts(**d)`` reads them back)."""
+        return {"search": self.search, "test": self.test}
 
 
 @dataclass(frozen=True)

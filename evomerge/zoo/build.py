@@ -11,7 +11,6 @@ builders (two test sessions, two engineers) so the work is done once.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -122,7 +121,7 @@ def _open_permissions(root: Path) -> None:
 def _refresh_tasks(zoo: Zoo) -> None:
     if tasks_need_refresh(zoo.task_dir):  # the cache was moved: YAMLs name old paths
         materialise_tasks(zoo.task_dir, zoo.manifest["skills"], zoo.manifest["seed"],
-                          counts=ItemCounts.of(zoo.manifest.get("eval_items")))
+                          counts=ItemCounts(**zoo.manifest["eval_items"]))
 
 
 def build_zoo(
@@ -156,7 +155,7 @@ def build_zoo(
                 "format": FORMAT_VERSION,
                 "seed": info["seed"],
                 "skills": skills,
-                "eval_items": dataclasses.asdict(recipe.EVAL_ITEMS),
+                "eval_items": recipe.EVAL_ITEMS.as_dict(),
                 "specialists": info["specialists"],
                 "tasks": {**task_groups(skills), **info.get("task_groups", {})},
                 "build_seconds": round(time.perf_counter() - t0, 1),

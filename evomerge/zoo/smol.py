@@ -94,7 +94,7 @@ def spec() -> dict:
     return {
         "seed": SEED,
         "skills": SKILLS,
-        "eval_items": dataclasses.asdict(EVAL_ITEMS),
+        "eval_items": EVAL_ITEMS.as_dict(),
         "source": {"package": PACKAGE, "version": _package_version(), "gguf": GGUF_FILE},
         "save_dtype": "float32",
         "format_stage": FORMAT.as_dict(),

@@ -34,7 +34,6 @@ the zoo's config hash, so a new file rebuilds every cached tiny zoo).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 from pathlib import Path
@@ -81,7 +80,7 @@ def spec() -> dict:
     return {
         "seed": SEED,
         "skills": SKILLS,
-        "eval_items": dataclasses.asdict(EVAL_ITEMS),
+        "eval_items": EVAL_ITEMS.as_dict(),
         "model": MODEL,
         "max_length": MAX_LENGTH,
         "pretrain": PRETRAIN.as_dict(),
