@@ -6,15 +6,19 @@ search never scored. The table pairs each run's exported winner with the best of
 (the hardest one, picked with hindsight) on the same test items, per seed and over the seeds combined.
 
     python experiments/auto_study.py --zoo smol --seeds 0 1 2                 # TPE, per-layer-group genes
-    python experiments/auto_study.py --zoo smol --table                       # rebuild results/auto_math_smol.md
+    python experiments/auto_study.py --zoo smol --table                       # rebuild results/auto_math_smol_study.md
 
 Run directories: runs/auto-<zoo>/<row>/s<seed>, the row named by its sampler, trials, search items and
-layer groups (e.g. tpe-t100-l0.75-g6).
+layer groups (e.g. tpe-t60-l0.5-g6). A finished run's summary.json, trials.csv and the per-item test scores
+of its re-scored candidates (test_items.json, read from its study) are kept in results/auto_math_<zoo>_runs/,
+and the table reads only those: seeds run in several sessions (each on a fresh checkout, without runs/) add
+up to one table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -34,10 +38,10 @@ def row_name(sampler: str, trials: int, limit: float, group: int | str) -> str:
     return f"{sampler}-t{trials}-l{limit:g}-g{group}"
 
 
-def run_row(runs: Path, zoo: str, sampler: str, trials: int, limit: float, group: int | str, select: int,
-            seeds: list[int], eval_dtype: str) -> None:
+def run_row(runs: Path, keep: Path, zoo: str, sampler: str, trials: int, limit: float, group: int | str,
+            select: int, seeds: list[int], eval_dtype: str) -> None:
     row = row_name(sampler, trials, limit, group)
-    for seed in seeds:
+    for seed in seeds:  # seed by seed, each kept when it ends: a session that stops early leaves whole seeds
         evomerge(["+search=auto_math", f"sampler={sampler}", f"search.n_trials={trials}", f"search.limit={limit}",
                   f"search.layers_per_group={group}", f"tasks.select={select}", "final.export_model=false",
                   # the winner is chosen on select and reported on test: re-scoring every search item too
@@ -45,23 +49,42 @@ def run_row(runs: Path, zoo: str, sampler: str, trials: int, limit: float, group
                   # about a third to the final re-scoring
                   "final.rescore_search=false", f"eval_dtype={eval_dtype}"],
                  runs / row / f"s{seed}", zoo, seed)
+        keep_run(runs / row / f"s{seed}", keep / row / f"s{seed}")
 
 
-def final_scores(summary: dict) -> dict:
-    """The run's re-scored candidates by trial number (FinalScores, with their per-item test scores), read once."""
+# What is kept of a finished run besides its candidates' per-item test scores: what the table reads, and the
+# exported recipe (the winner's method where it is a searched one)
+KEPT = ("summary.json", "trials.csv", "best/recipe.yaml")
+
+
+def keep_run(run: Path, kept: Path) -> None:
+    """Copy what the table reads of a finished run (:data:`KEPT`) and write its candidates' per-item test scores
+    by trial number, from the study (the pairing over the same test items needs them)."""
     import optuna
 
     from evomerge.search import record
 
+    summary = json.loads((run / "summary.json").read_text())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return record.final_scores(optuna.load_study(study_name=summary["study"], storage=summary["storage"]))
+    final = record.final_scores(optuna.load_study(study_name=summary["study"], storage=summary["storage"]))
+    for name in KEPT:
+        if (run / name).is_file():
+            (kept / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(run / name, kept / name)
+    items = {str(n): f.test_items for n, f in sorted(final.items()) if f.test_items is not None}
+    (kept / "test_items.json").write_text(json.dumps(items, separators=(",", ":")))
 
 
-def test_items(final: dict, trial: int, baseline: int) -> tuple[dict[str, list[float]], dict[str, list[float]]] | None:
+def kept_items(run: Path) -> dict[int, dict[str, list[float]]]:
+    """A kept run's per-item test scores by trial number ({} where none were kept)."""
+    f = run / "test_items.json"
+    return {int(n): v for n, v in json.loads(f.read_text()).items()} if f.is_file() else {}
+
+
+def test_items(final: dict[int, dict[str, list[float]]], trial: int,
+               baseline: int) -> tuple[dict[str, list[float]], dict[str, list[float]]] | None:
     """The per-item test scores of ``trial`` and of ``baseline`` (trial numbers), where both kept them."""
-    one, base = final.get(trial), final.get(baseline)
-    win = one.test_items if one is not None else None
-    ref = base.test_items if base is not None else None
+    win, ref = final.get(trial), final.get(baseline)
     return (win, ref) if win is not None and ref is not None else None
 
 
@@ -77,7 +100,7 @@ def combined(pairs: list[tuple[dict[str, list[float]], dict[str, list[float]]]])
     return diff, paired_se(win, base)
 
 
-def build_table(runs: Path, zoo: str, out: Path) -> str:
+def build_table(kept: Path, zoo: str, out: Path) -> str:
     lines = [f"# `+search=auto_math` on the {zoo} zoo: the method is a gene", "",
              "Each run's baselines are every source alone and every method's textbook recipe; the winner is chosen on "
              "select items the search never scored; **test** is held out. *Best hand-set* is the best baseline by "
@@ -89,7 +112,7 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
              "| search − test | trials | wall min | eval s/cand |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     data: dict = {}
-    for row_dir in sorted(d for d in runs.iterdir() if d.is_dir()) if runs.is_dir() else []:
+    for row_dir in sorted(d for d in kept.iterdir() if d.is_dir()) if kept.is_dir() else []:
         pairs, searched_pairs, rows = [], [], []
         for run in sorted(row_dir.glob("s*")):
             f = run / "summary.json"
@@ -107,7 +130,7 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
             hand = " (the winner is hand-set)" if best.get("baseline") else ""
             # the searched recipe the rule weighed, against the best hand-set recipe by test (the winner included)
             top_hand = max(s["baselines"], key=lambda k: s["baselines"][k].get("test_fitness") or -1.0)
-            final = final_scores(s) if held else {}
+            final = kept_items(run) if held else {}
             s_items = test_items(final, searched["trial"], s["baselines"][top_hand]["trial"]) if searched else None
             if s_items is not None:
                 searched_pairs.append(s_items)
@@ -136,7 +159,7 @@ def build_table(runs: Path, zoo: str, out: Path) -> str:
                 c_diff, c_se = combined(searched_pairs)
                 entry["combined_searched"] = {"seeds": len(pairs), "difference": c_diff, "se": c_se}
                 s_text = f"**{c_diff:+.3f} ± {c_se:.3f}** (z = {c_diff / c_se if c_se else float('nan'):.1f})"
-            lines.append(f"| **{row_dir.name}, {len(pairs)} seeds combined** | | | | | | {_ms([r['test'] for r in rows])} | | "
+            lines.append(f"| **{row_dir.name}, {len(pairs)} seed{'s' * (len(pairs) > 1)} combined** | | | | | | {_ms([r['test'] for r in rows])} | | "
                          f"| **{diff:+.3f} ± {se:.3f}** (z = {diff / se if se else float('nan'):.1f}) | {s_text} "
                          f"| {_ms(gaps)} | | | |")
         data[row_dir.name] = entry
@@ -166,16 +189,26 @@ def main() -> None:
     ap.add_argument("--select", type=int, default=None, help="select items per task, carved out of the search items")
     ap.add_argument("--eval-dtype", default="float32",
                     help="float32 (the default: faster than bfloat16 on a CPU without AMX) or bfloat16")
-    ap.add_argument("--table", action="store_true", help="only rebuild the table")
+    ap.add_argument("--table", action="store_true",
+                    help="only rebuild the table (keeping first any finished run under --runs not yet kept)")
     ap.add_argument("--runs", type=Path, default=None, help="run directories (default: runs/auto-<zoo>)")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="where finished runs are kept and the table reads them (default: results/auto_math_<zoo>_runs)")
     ap.add_argument("--out", type=Path, default=ROOT / "results", help="where the table goes")
     args = ap.parse_args()
     d = DEFAULTS[args.zoo]
     runs = args.runs or ROOT / "runs" / f"auto-{args.zoo}"
-    if not args.table:
-        run_row(runs, args.zoo, args.sampler, args.trials or d["trials"], args.limit or d["limit"],
+    keep = args.keep or ROOT / "results" / f"auto_math_{args.zoo}_runs"
+    if args.table:
+        for run in sorted(runs.glob("*/s*")):
+            if (run / "summary.json").is_file() and not (keep / run.parent.name / run.name / "summary.json").is_file():
+                keep_run(run, keep / run.parent.name / run.name)
+    else:
+        run_row(runs, keep, args.zoo, args.sampler, args.trials or d["trials"], args.limit or d["limit"],
                 args.group or d["group"], args.select or d["select"], args.seeds, args.eval_dtype)
-    print(build_table(runs, args.zoo, args.out))
+    if not any(keep.glob("*/s*/summary.json")):
+        raise SystemExit(f"no finished run kept under {keep}: the table is left as it is")
+    print(build_table(keep, args.zoo, args.out))
 
 
 if __name__ == "__main__":
