@@ -265,6 +265,35 @@ def test_fused_kernel_matches_eager(llama, tmp_path, method, params, glob):
         torch.testing.assert_close(t, eager2[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow  # torch.compile per variant
+def test_fused_kernel_compiles_every_variant_a_method_search_reaches(llama):
+    """A search over every method reaches more variants of the one kernel (sign election or not, normalised or
+    not, a random mask or not, two or three models) than dynamo compiles by default (8 per function); past
+    that, each new variant would run eagerly for the rest of the process, so none may hit the limit."""
+    import logging
+
+    base, fts = llama
+    hits: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "recompile_limit" in record.getMessage():
+                hits.append(record.getMessage())
+
+    catch, dynamo_log = Catch(level=logging.WARNING), logging.getLogger("torch._dynamo.convert_frame")
+    dynamo_log.addHandler(catch)
+    try:
+        for n in (2, 3):
+            for method in ("task_arithmetic", "ties", "dare_linear", "dare_ties"):
+                for normalize in (False, True):
+                    r = _recipe(method, base, fts[:n], [{"weight": 0.4, "density": 0.6}] * n,
+                                {"normalize": normalize})
+                    assert PreparedMerge(r, fused=True, progress=False).fused, (method, n, normalize)
+    finally:
+        dynamo_log.removeHandler(catch)
+    assert not hits, hits[0]
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
 def test_non_finite_merge_names_the_tensor(llama, tmp_path, fused):
     """A merge that yields inf/NaN is one clear error naming the tensor, in the prepared engine and one-shot."""

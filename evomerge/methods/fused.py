@@ -99,6 +99,12 @@ def _kept_l1(d: torch.Tensor, u: torch.Tensor | None, lo: torch.Tensor, hi: torc
 
 _compiled: dict[str, Callable] = {}
 
+# Compiled variants a kernel may keep. A kernel specialises on its flags (sign election, normalisation, a
+# random mask, the in-kernel sum) and its number of models, so a search over every method reaches more
+# variants than dynamo's default of 8 per function, after which each new one would run eagerly, several times
+# slower, for the rest of the process.
+RECOMPILE_LIMIT = 64
+
 
 def _kernel(name: str, fn: Callable) -> Callable:
     if name not in _compiled:
@@ -126,7 +132,8 @@ def _launch(name: str, fn: Callable, out: torch.Tensor, *args) -> torch.Tensor:
     schedules a reduction in a dynamic-shape kernel from the first call's sizes; torch's own sum
     kernel is tuned for every size, so there ``out`` is summed after the kernel."""
     reduce = out.device.type == "cpu"
-    checksum = _kernel(name, fn)(*args, reduce)
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        checksum = _kernel(name, fn)(*args, reduce)
     return checksum if reduce else out.sum()
 
 

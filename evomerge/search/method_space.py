@@ -181,7 +181,9 @@ class AutoGenome:
             if merged < method.min_models or (method.max_models is not None and merged > method.max_models):
                 want = (f"exactly {method.min_models}" if method.max_models == method.min_models
                         else f"at least {method.min_models}")
-                self.left_out[m] = f"it merges {want} model(s) besides its base, and this search merges {merged}"
+                given = (f"{merged} ({len(sources)} sources, one of them its base_model)" if sub.base_model is not None
+                         else str(merged))
+                self.left_out[m] = f"it merges {want} model(s) besides its base, and this search gives it {given}"
                 continue
             self.genomes[m] = Genome(sub, sources, base, layout, seed=seed)
         self.methods = tuple(self.genomes)
