@@ -208,15 +208,34 @@ def test_the_score_cache_misses_when_any_input_of_the_key_changes(family, tiny_z
     assert {k: v for k, v in misses.items() if v is not None} == {}
 
 
+def test_the_score_cache_shares_a_deterministic_recipe_across_seeds(family, tiny_zoo, tmp_path):
+    """A run's seed reaches every recipe it writes, but only DARE and DELLA masks read it: a TIES score is served
+    to a run of another seed, a DARE-TIES score only to its own seed."""
+    import dataclasses
+
+    tok = str(_tokenizer_copy(tiny_zoo, tmp_path / "tok"))
+    cache = _session_cache(family, tmp_path / "scores", tok, "digest-1", [])
+    g = _genome(family)
+    ties = g.recipe(g.baselines()["textbook"], seed=0)
+    cache.put(ties, "test", {"fitness": 0.5})
+    assert cache.get(dataclasses.replace(ties, seed=1), "test") == {"fitness": 0.5}
+    dare = dataclasses.replace(ties, merge_method="dare_ties")
+    cache.put(dare, "test", {"fitness": 0.6})
+    assert cache.get(dare, "test") == {"fitness": 0.6}
+    assert cache.get(dataclasses.replace(dare, seed=1), "test") is None
+    assert cache.get(dataclasses.replace(dare, random_mode="fresh"), "test") is None
+
+
 def test_the_items_digest_follows_the_items(tiny_zoo):
     from transformers import AutoTokenizer
 
     from evomerge.evaluation import Evaluator
     from evomerge.evaluation.splits import Partition
 
-    def digest(opts: TaskSplits) -> str:
+    def digest(opts: TaskSplits, shot_seed: int = 0) -> str:
         ev = Evaluator(AutoTokenizer.from_pretrained(tiny_zoo.base), ["gsm8k_local"],
-                       include_paths=[str(ROOT / "examples" / "gsm8k_local")], splits=SplitPlan({"gsm8k_local": opts}))
+                       include_paths=[str(ROOT / "examples" / "gsm8k_local")],
+                       splits=SplitPlan({"gsm8k_local": opts}, shot_seed=shot_seed))
         ev.splits.resolve(ev.task_manager)
         return ev.splits.digest()
 
@@ -224,6 +243,10 @@ def test_the_items_digest_follows_the_items(tiny_zoo):
     assert a == digest(TaskSplits(search_split="train"))
     assert a != digest(TaskSplits(partition=Partition("test", 0.3, 0)))
     assert digest(TaskSplits(partition=Partition("test", 0.3, 0))) != digest(TaskSplits(partition=Partition("test", 0.3, 1)))
+    # the few-shot seed (a run's seed) counts only where a task draws examples: zero-shot scores are shared
+    zero, shots = TaskSplits(search_split="train", num_fewshot=0), TaskSplits(search_split="train", num_fewshot=2)
+    assert digest(zero, shot_seed=0) == digest(zero, shot_seed=1)
+    assert digest(shots, shot_seed=0) != digest(shots, shot_seed=1)
 
 
 def test_the_amx_probe_follows_torch_and_assumes_amx_where_torch_cannot_tell(monkeypatch):

@@ -298,8 +298,13 @@ class SplitPlan:
         return {"version": 1, "shot_seed": self.shot_seed, "tasks": tasks}
 
     def digest(self) -> str:
-        """One digest of every task's items per split (it changes when any item, or its split, does)."""
-        return hashlib.sha256(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()
+        """One digest of every task's items per split (it changes when any item, or its split, does), and of the
+        few-shot seed where a task draws examples: zero-shot prompts do not depend on it, so runs of other
+        seeds share their cached scores (search/score_cache.py)."""
+        record = self.record()
+        if all(pool is None for pool in self._pools.values()):
+            del record["shot_seed"]
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 # ---- helpers -------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ on the smol zoo they were most of a run's wall time. A score is a pure function
 of the merged weights and the evaluation set-up, so it is looked up instead.
 
 The key holds everything a score depends on: the recipe (method, models,
-parameters, seed), each model directory's files (name, size, modification time),
-the tasks and their directories' files, the digest of every split's items, the
-tokenizer directory's files, the split, the evaluation settings
+parameters, and the seed where the method draws random masks: a run's seed reaches
+every recipe it writes, and only DARE and DELLA read it), each model directory's
+files (name, size, modification time), the tasks and their directories' files, the
+digest of every split's items, the tokenizer directory's files, the split, the evaluation settings
 (dtype, batch size, device type, generation cap), the versions of torch,
 transformers and lm-eval, and a digest of evomerge's own merge and evaluation
 code (an upgrade, or a developer's edit, may change a merge or a score).
@@ -60,6 +61,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _scored(recipe: Any) -> dict[str, Any]:
+    """What of ``recipe`` its merged weights depend on: all of it, less the seed and the random mode when its
+    method draws no random numbers."""
+    from evomerge.methods import get_method
+
+    out = recipe.to_dict()
+    if not get_method(recipe.merge_method).uses_uniforms:
+        out["evomerge"] = {k: v for k, v in out["evomerge"].items() if k not in ("seed", "random_mode")}
+    return out
+
+
 class ScoreCache:
     """``get``/``put`` of one split's score record for one recipe, under a fixed evaluation context."""
 
@@ -76,7 +88,7 @@ class ScoreCache:
             if ref not in self._model_files:
                 self._model_files[ref] = _files(ref)
             models[ref] = self._model_files[ref]
-        blob = json.dumps({"recipe": recipe.to_dict(), "models": models, "split": split, **self.context},
+        blob = json.dumps({"recipe": _scored(recipe), "models": models, "split": split, **self.context},
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
