@@ -170,7 +170,23 @@ def host_syncs(engine, recipe) -> dict:
     return {"count": sum(sites.values()), "sites": dict(sites.most_common(5))}
 
 
-def bench_prepared(base: Path, fts: list[Path], reps: int, device: str, methods: list[str]) -> dict:
+def top_ops(engine, recipe, device: str, k: int = 5) -> list[tuple[str, float]]:
+    """Where one candidate's time goes: the ``k`` operators with the most self time (ms) under
+    ``torch.profiler``, on the device's clock on a GPU, else the host's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device != "cpu" else [])
+    with profile(activities=acts) as prof:
+        engine.apply(recipe)
+        if device != "cpu":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if device != "cpu" else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)[:k]
+    return [(e.key[:60], getattr(e, attr) / 1e3) for e in rows]
+
+
+def bench_prepared(base: Path, fts: list[Path], reps: int, device: str, methods: list[str],
+                   profile: bool = False) -> dict:
     from evomerge.engine.prepared import PreparedMerge
     from evomerge.engine.recipe import Recipe
     import yaml
@@ -193,12 +209,14 @@ def bench_prepared(base: Path, fts: list[Path], reps: int, device: str, methods:
             times.append(engine.apply(recipe).seconds)
         del copy
         syncs = host_syncs(engine, recipe) if device != "cpu" else None
+        ops = top_ops(engine, recipe, device) if profile else None
         med = statistics.median(times)
         out[name] = {"prepare_s": prep, "candidate_s": med, "all_s": times, "bytes": read + written,
                      "GBps": (read + written) / med / 1e9, "copy_floor_s": statistics.median(floors),
                      "all_floor_s": floors,
                      "fraction_of_copy_bw": statistics.median(f / t for f, t in zip(floors, times)),
-                     "tensors": len(engine.state_dict()), **({"host_syncs": syncs} if syncs else {})}
+                     "tensors": len(engine.state_dict()), **({"host_syncs": syncs} if syncs else {}),
+                     **({"top_ops_ms": ops} if ops else {})}
         print(f"prepared {name}: {out[name]['candidate_s']:.3f}s/candidate "
               f"({out[name]['GBps']:.1f} GB/s, {out[name]['fraction_of_copy_bw']:.0%} of copy)"
               + (f", host syncs {syncs}" if syncs else ""), flush=True)
@@ -243,6 +261,11 @@ def write_results(res: dict, out_dir: Path, name: str) -> None:
         vs = f"{mk / row['candidate_s']:.0f}x faster" if mk else ""
         lines.append(f"| {n} | {row['candidate_s']:.3f} | {vs} | {row['GBps']:.1f} | {row['copy_floor_s']:.3f} | "
                      f"{row['fraction_of_copy_bw']:.0%} | {row.get('host_syncs', {}).get('count', '')} |")
+    profiled = {n: row["top_ops_ms"] for n, row in prep.items() if "top_ops_ms" in row}
+    if profiled:
+        lines += ["", "## Where one candidate's time goes (torch.profiler, self time of the top operators, ms)", "",
+                  "| method | operators |", "|---|---|"]
+        lines += [f"| {n} | " + "; ".join(f"`{op}` {ms:.1f}" for op, ms in ops) + " |" for n, ops in profiled.items()]
     lines += ["", f"![time per candidate]({name}.png)", ""]
     from experiments.study import write_keeping_notes  # noqa: PLC0415 (ROOT is on sys.path by now)
 
@@ -260,6 +283,7 @@ def main() -> None:
     ap.add_argument("--shape", default="smol-135m", choices=sorted(SHAPES))
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype of the inputs")
     ap.add_argument("--methods", default="ties,dare_ties,breadcrumbs,task_arithmetic,slerp,linear")
+    ap.add_argument("--profile", action="store_true", help="also profile one candidate per method (top operators)")
     ap.add_argument("--name", default="bench_merge", help="results/<name>.{json,md,png}")
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args()
@@ -278,7 +302,7 @@ def main() -> None:
                     "load_average_at_start": os.getloadavg()[0]},
         "oneshot": {} if args.skip_oneshot else bench_oneshot(work, base, fts, args.mergekit_python, device, args.dtype,
                                                                   args.oneshot_reps),
-        "prepared": bench_prepared(base, fts, args.reps, device, args.methods.split(",")),
+        "prepared": bench_prepared(base, fts, args.reps, device, args.methods.split(","), args.profile),
     }
     write_results(res, Path(args.out), args.name)
 

@@ -186,3 +186,29 @@ def test_disk_mode_reads_the_inputs_afresh_for_every_candidate(fam):
     want = PreparedMerge(r2, progress=False).state_dict()
     for name, t in eng.state_dict().items():
         assert torch.equal(t, want[name]), name
+
+
+@pytest.fixture(scope="module")
+def multi_gpu(fam):
+    base, fts = fam
+    return PreparedMerge(_recipe("ties", base, fts, W3), methods=METHODS, device="cuda", progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the engine's Triton kernels")
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_every_method_on_a_gpu_as_on_the_cpu(fam, multi, multi_gpu, case):
+    """On a GPU the fused kernels are Triton's and reductions add in another order, while masks, thresholds and
+    DARE/DELLA's draws come from the same host-side tables: every method's tensors meet the CPU engine's within
+    float32 rounding (the bound of the derived cases above, four times over for the reductions' order)."""
+    base, fts = fam
+    r = _case_recipe(fam, case)
+    multi.apply(r)
+    want = {k: v.clone() for k, v in multi.state_dict().items()}
+    multi_gpu.apply(r)
+    inputs = [_state(base)] + [_state(f) for f in fts]
+    for name, t in multi_gpu.state_dict().items():
+        assert t.device.type == "cuda", name
+        scale = max(float(s[name].abs().max()) for s in inputs)
+        diff = (t.cpu() - want[name]).abs()
+        off = int((diff > 16 * EPS * scale).sum())
+        assert off == 0, f"{case[0]} {name}: {off} of {diff.numel()} entries off, max {float(diff.max()):.3g}"

@@ -112,17 +112,23 @@ def select(study: optuna.Study, top_k: int, seed: int = 0) -> tuple[list[Candida
     return [candidate(t, seed) for t in top], list(baselines.values()), front
 
 
-def margin_of(best: Candidate, base: Candidate) -> tuple[float | None, bool]:
-    """The standard error of ``best.selection - base.selection`` and whether it is paired: over the items both
-    were scored on where both kept their per-item scores, else from each one's own standard error (None if
-    unknown)."""
-    if best.items is not None and base.items is not None:
-        se = paired_se(best.items, base.items)
+def difference_se(a: dict[str, list[float]] | None, b: dict[str, list[float]] | None,
+                  a_se: float | None = None, b_se: float | None = None) -> tuple[float | None, bool]:
+    """The standard error of one fitness minus another and whether it is paired: over the items both were scored
+    on where both kept their per-item scores (:func:`paired_se`), else from each one's own standard error, else
+    None."""
+    if a is not None and b is not None:
+        se = paired_se(a, b)
         if se is not None:
             return se, True
-    if best.se is not None and base.se is not None:
-        return (best.se ** 2 + base.se ** 2) ** 0.5, False
+    if a_se is not None and b_se is not None:
+        return (a_se ** 2 + b_se ** 2) ** 0.5, False
     return None, False
+
+
+def margin_of(best: Candidate, base: Candidate) -> tuple[float | None, bool]:
+    """The standard error of ``best.selection - base.selection`` and whether it is paired."""
+    return difference_se(best.items, base.items, best.se, base.se)
 
 
 def _contenders(top: list[Candidate], baselines: list[Candidate]) -> tuple[Candidate | None, Candidate | None]:
@@ -152,10 +158,7 @@ def held_out(winner: Candidate | None, baselines: list[Candidate]) -> dict[str, 
     if winner is None or winner.test is None or not others:
         return None
     base = max(others, key=lambda c: c.test)
-    se, paired = None, False
-    if winner.test_items is not None and base.test_items is not None:
-        se = paired_se(winner.test_items, base.test_items)
-        paired = se is not None
+    se, paired = difference_se(winner.test_items, base.test_items)
     return {"winner": winner.label, "baseline": base.label, "difference": winner.test - base.test,
             "se": se, "paired": paired}
 
