@@ -145,7 +145,7 @@ def build_table(kept: Path, zoo: str, out: Path) -> str:
                          f"| {searched['label'] + ' ' + format(searched['test_fitness'], '.3f') if searched else '–'} "
                          f"| {held.get('baseline', '–')} {base.get('test_fitness', float('nan')):.3f} "
                          f"| {held.get('difference', float('nan')):+.3f} ± {se if se is not None else float('nan'):.3f}{hand} "
-                         f"| {s_diff} | {gap:+.3f} ({_signed(base_gap)}) | {s['trials']['finished']} | {wall_s / 60:.0f} | {ev:.2f} |")
+                         f"| {s_diff} | {gap:+.3f} ({_signed(base_gap)}) | {s['trials']['finished']} | {wall_s / 60:.1f} | {ev:.2f} |")
             rows.append({"seed": run.name, "winner": best["label"], "method": method, "test": best["test_fitness"],
                          "search": best["search_fitness"], "select": best.get("select_fitness"), "held_out": held,
                          "handset_gap": base_gap, "wall_s": wall_s})
