@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--sampler", default="tpe")
     ap.add_argument("--trials", type=int, default=None)
-    ap.add_argument("--limit", type=float, default=None, help="search-time share (or count) of each task's search items")
+    ap.add_argument("--limit", type=float, default=None, help="search-time share (below 1) or count (above 1) of each task's search items")
     ap.add_argument("--group", default=None, help="layers per gene group: an integer or global")
     ap.add_argument("--select", type=int, default=None, help="select items per task, carved out of the search items")
     ap.add_argument("--eval-dtype", default="float32",

@@ -87,6 +87,8 @@ def test_the_search_configs_share_their_base_files():
     ("storage.kind=redis", "storage.kind"),
     ("storage.heartbeat_interval=-1", "storage.heartbeat_interval"),
     ("search.n_trials=0", "search.n_trials"),
+    ("search.limit=1.0", "search.limit"),  # one item per task, not every item
+    ("search.limit=0", "search.limit"),
     ("search.edges=mine", "search.edges"),
     ("final.top_k=0", "final.top_k"),
     ("final.margin_se=-1", "final.margin_se"),

@@ -164,8 +164,10 @@ def parse_search(cfg: dict[str, Any] | None) -> SearchSpec:
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
         raise ConfigError(f"{_where('n_trials')} = {n_trials!r}: the whole trial budget, baselines included, a whole number >= 1.")
     limit = cfg.get("limit")
-    if limit is not None and (_num(limit, "limit") <= 0):
-        raise ConfigError(f"{_where('limit')} = {limit!r}: items per task at search time (> 1), a fraction (< 1), or null for all.")
+    if limit is not None and (_num(limit, "limit") <= 0 or float(limit) == 1):
+        # 1 would be one item per task (a count, as in lm-eval), which ranks nothing: most likely "all" was meant
+        raise ConfigError(f"{_where('limit')} = {limit!r}: items per task at search time, a count (> 1) or a share "
+                          f"(< 1); 1 would be a single item per task, not every item: for every item set null.")
     random_mode = cfg.get("random_mode", "common")
     if random_mode not in RANDOM_MODES:
         raise ConfigError(f"{_where('random_mode')} = {random_mode!r}: use 'common' (one mask seed for every trial) or 'fresh'.")
