@@ -87,25 +87,31 @@ def _case_recipe(fam, case) -> Recipe:
 
 
 @pytest.fixture(scope="module")
+def input_scale(fam) -> dict[str, float]:
+    """Each tensor's largest magnitude over the base and the models: the scale of its float32 rounding bounds."""
+    base, fts = fam
+    inputs = [_state(base)] + [_state(f) for f in fts]
+    return {name: max(float(s[name].abs().max()) for s in inputs) for name in inputs[0]}
+
+
+@pytest.fixture(scope="module")
 def multi(fam):
     base, fts = fam
     return PreparedMerge(_recipe("ties", base, fts, W3), methods=METHODS, progress=False)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_every_method_from_one_engine(fam, multi, tmp_path, case):
+def test_every_method_from_one_engine(fam, multi, input_scale, tmp_path, case):
     """The several-method engine gives each method the tensors of an engine prepared for it alone (bit for bit
     over task vectors) and of the one-shot merge (float32 rounding where it rebuilds models)."""
-    base, fts = fam
     r = _case_recipe(fam, case)
     derived = case[-1]
     multi.apply(r)
     got = {k: v.clone() for k, v in multi.state_dict().items()}
     alone = PreparedMerge(r, progress=False).state_dict()
     want = _state(merge_to_dir(r, tmp_path / "one", out_dtype="float32", progress=False))
-    inputs = [_state(base)] + [_state(f) for f in fts]
     for name, t in got.items():
-        scale = max(float(s[name].abs().max()) for s in inputs)
+        scale = input_scale[name]
         if derived:
             torch.testing.assert_close(t, want[name], rtol=0, atol=4 * EPS * scale, msg=name)
             torch.testing.assert_close(t, alone[name], rtol=0, atol=4 * EPS * scale, msg=name)
@@ -196,19 +202,16 @@ def multi_gpu(fam):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the engine's Triton kernels")
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_every_method_on_a_gpu_as_on_the_cpu(fam, multi, multi_gpu, case):
+def test_every_method_on_a_gpu_as_on_the_cpu(fam, multi, multi_gpu, input_scale, case):
     """On a GPU the fused kernels are Triton's and reductions add in another order, while masks, thresholds and
     DARE/DELLA's draws come from the same host-side tables: every method's tensors meet the CPU engine's within
     float32 rounding (the bound of the derived cases above, four times over for the reductions' order)."""
-    base, fts = fam
     r = _case_recipe(fam, case)
     multi.apply(r)
     want = {k: v.clone() for k, v in multi.state_dict().items()}
     multi_gpu.apply(r)
-    inputs = [_state(base)] + [_state(f) for f in fts]
     for name, t in multi_gpu.state_dict().items():
         assert t.device.type == "cuda", name
-        scale = max(float(s[name].abs().max()) for s in inputs)
         diff = (t.cpu() - want[name]).abs()
-        off = int((diff > 16 * EPS * scale).sum())
+        off = int((diff > 16 * EPS * input_scale[name]).sum())
         assert off == 0, f"{case[0]} {name}: {off} of {diff.numel()} entries off, max {float(diff.max()):.3g}"
