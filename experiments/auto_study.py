@@ -34,13 +34,16 @@ DEFAULTS = {"tiny": {"trials": 80, "limit": 0.5, "group": "global", "select": 10
             "smol": {"trials": 60, "limit": 0.5, "group": 6, "select": 600}}
 
 
-def row_name(sampler: str, trials: int, limit: float, group: int | str, fresh: int | None = None) -> str:
-    return f"{sampler}-t{trials}-l{limit:g}-g{group}" + (f"-f{fresh}" if fresh else "")
+def row_name(sampler: str, trials: int, limit: float, group: int | str, fresh: int | None = None,
+             task_group: str | None = None) -> str:
+    return f"{sampler}-t{trials}-l{limit:g}-g{group}" + (f"-f{fresh}" if fresh else "") + (
+        f"-{task_group}" if task_group else "")
 
 
 def run_row(runs: Path, keep: Path, zoo: str, sampler: str, trials: int, limit: float, group: int | str,
-            select: int, seeds: list[int], eval_dtype: str, fresh: int | None = None) -> None:
-    row = row_name(sampler, trials, limit, group, fresh)
+            select: int, seeds: list[int], eval_dtype: str, fresh: int | None = None,
+            sources: list[str] | None = None, task_group: str | None = None) -> None:
+    row = row_name(sampler, trials, limit, group, fresh, task_group)
     for seed in seeds:  # seed by seed, each kept when it ends: a session that stops early leaves whole seeds
         evomerge(["+search=auto_math", f"sampler={sampler}", f"search.n_trials={trials}", f"search.limit={limit}",
                   f"search.layers_per_group={group}", f"tasks.select={select}", "final.export_model=false",
@@ -50,7 +53,10 @@ def run_row(runs: Path, keep: Path, zoo: str, sampler: str, trials: int, limit: 
                   "final.rescore_search=false", f"eval_dtype={eval_dtype}",
                   # a sample of the search items drawn by the seed (fresh every N trials) instead of every seed's
                   # same first items, so that seeds average the search sample's luck
-                  *([f"search.fresh_items={fresh}"] if fresh else [])],
+                  *([f"search.fresh_items={fresh}"] if fresh else []),
+                  # other specialists and tasks than the models group's math set (e.g. the smol zoo's four)
+                  *([f"search.sources=[{','.join(sources)}]"] if sources else []),
+                  *([f"tasks.group={task_group}"] if task_group else [])],
                  runs / row / f"s{seed}", zoo, seed)
         keep_run(runs / row / f"s{seed}", keep / row / f"s{seed}")
 
@@ -200,6 +206,10 @@ def main() -> None:
     ap.add_argument("--fresh-items", type=int, default=None,
                     help="search.fresh_items: a new sample of the search items, drawn by the seed, every N trials "
                          "(N >= --trials: one sample per seed)")
+    ap.add_argument("--sources", nargs="+", default=None,
+                    help="the specialists to merge (default: the models group's math set), e.g. add sub mul rev")
+    ap.add_argument("--task-group", default=None,
+                    help="the zoo's task group that scores them (default: math_ll; all_ll: every skill; a row of its own)")
     ap.add_argument("--group", default=None, help="layers per gene group: an integer or global")
     ap.add_argument("--select", type=int, default=None, help="select items per task, carved out of the search items")
     ap.add_argument("--eval-dtype", default="float32",
@@ -220,7 +230,8 @@ def main() -> None:
                 keep_run(run, keep / run.parent.name / run.name)
     else:
         run_row(runs, keep, args.zoo, args.sampler, args.trials or d["trials"], args.limit or d["limit"],
-                args.group or d["group"], args.select or d["select"], args.seeds, args.eval_dtype, args.fresh_items)
+                args.group or d["group"], args.select or d["select"], args.seeds, args.eval_dtype, args.fresh_items,
+                args.sources, args.task_group)
     if not any(keep.glob("*/s*/summary.json")):
         raise SystemExit(f"no finished run kept under {keep}: the table is left as it is")
     print(build_table(keep, args.zoo, args.out))
