@@ -62,6 +62,7 @@ def test_end_to_end_writes_every_output(e2e):
     for rel in ("best/recipe.yaml", "best/model/config.json", "best/model/README.md", "best/model/mergekit_config.yml",
                 "trials.csv", "summary.json", "report.md", "history.png", "winner_genes.png", "study.db", ".hydra/config.yaml"):
         assert (run_dir / rel).exists(), rel
+    assert "best/model/" in proc.stdout and "`best/model/`" in (run_dir / "report.md").read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["trials"]["finished"] == 9
     best, bb = summary["best"], summary["best_baseline"]
@@ -139,6 +140,10 @@ def test_another_run_takes_the_baselines_full_scores_from_the_cache(e2e):
     proc = _app(other, *SMALL, "search.n_trials=3", f"final.score_cache={cache}", "final.export_model=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.json")} == entries  # nothing scored, nothing rewritten
+    # export_model=false: the recipe alone, and neither the summary nor the report lists a model directory
+    assert (other / "best" / "recipe.yaml").is_file() and not (other / "best" / "model").exists()
+    assert "best/recipe.yaml" in proc.stdout and "best/model/" not in proc.stdout
+    assert "`best/recipe.yaml`" in (other / "report.md").read_text() and "best/model" not in (other / "report.md").read_text()
     first, again = (json.loads((d / "summary.json").read_text())["baselines"] for d in (run_dir, other))
     for name, b in first.items():
         assert again[name]["test_fitness"] == b["test_fitness"] and again[name]["search_full_fitness"] == b["search_full_fitness"]

@@ -18,6 +18,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from evomerge.export.run import RUN_FILES, run_files  # noqa: E402
 from evomerge.search.record import baseline_of, search_fitness as _fitness  # noqa: E402
 
 
@@ -222,8 +223,8 @@ def write_report(run_dir: Path, study: optuna.Study, summary: dict[str, Any], wi
             lines += ["", f"Per candidate (median of {pc['candidates']}): merge {pc['merge_s']:.3f} s, "
                           f"evaluation {pc['eval_s']:.3f} s, bookkeeping {pc['overhead_s']:.3f} s."]
         lines.append("")
-    lines += ["## Files", "", "- `best/recipe.yaml`: the winner's recipe (replays with `evomerge-merge` and mergekit)",
-              "- `best/model/`: the merged winner", "- `trials.csv`, `summary.json`",
+    described = dict(RUN_FILES)
+    lines += ["## Files", "", *(f"- `{name}`: {described[name]}" for name in run_files(run_dir) if name != "report.md"),
               "- export any other trial: `evomerge-export RUN_DIR --trial N`", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))

@@ -20,7 +20,7 @@ import optuna
 from tqdm.auto import tqdm
 
 from evomerge.errors import ConfigError
-from evomerge.export.run import export_trial, trial_counts, write_json, write_trials_csv
+from evomerge.export.run import export_trial, run_files, trial_counts, write_json, write_trials_csv
 from evomerge.search import driver, estimators, record
 from evomerge.search.winner import FinalResult, rescore
 from evomerge.search.fitness import Scorer, TaskSpec, objective_names
@@ -471,6 +471,6 @@ def _print_summary(s: dict[str, Any], run_dir: Path) -> None:
     if pc:
         print(f"  per candidate: merge {pc['merge_s']:.2f} s, evaluation {pc['eval_s']:.2f} s, overhead {pc['overhead_s']:.3f} s")
     print(f"run directory: {run_dir}")
-    print("  best/recipe.yaml  best/model/  trials.csv  summary.json  report.md")
+    print("  " + "  ".join(run_files(run_dir)))
     if s.get("storage"):
         print(f"dashboard: optuna-dashboard {s['storage']}")
