@@ -223,8 +223,7 @@ def write_report(run_dir: Path, study: optuna.Study, summary: dict[str, Any], wi
             lines += ["", f"Per candidate (median of {pc['candidates']}): merge {pc['merge_s']:.3f} s, "
                           f"evaluation {pc['eval_s']:.3f} s, bookkeeping {pc['overhead_s']:.3f} s."]
         lines.append("")
-    described = dict(RUN_FILES)
-    lines += ["## Files", "", *(f"- `{name}`: {described[name]}" for name in run_files(run_dir) if name != "report.md"),
+    lines += ["## Files", "", *(f"- `{name}`: {RUN_FILES[name]}" for name in run_files(run_dir) if name != "report.md"),
               "- export any other trial: `evomerge-export RUN_DIR --trial N`", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))

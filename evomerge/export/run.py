@@ -182,11 +182,11 @@ def _f(v: Any) -> str:
 # What a finished run leaves in its directory, each with what it is. The winner's files are listed only where
 # they were written (no winner: no best/; ``final.export_model=false``: no best/model/); the others always are,
 # the report and the summary being written after the listing is made.
-RUN_FILES = (("best/recipe.yaml", "the winner's recipe (replays with `evomerge-merge` and mergekit)"),
-             ("best/model/", "the merged winner"), ("trials.csv", "every trial, one row each"),
-             ("summary.json", "the scores and the winner rule's comparison"), ("report.md", "this report"))
+RUN_FILES = {"best/recipe.yaml": "the winner's recipe (replays with `evomerge-merge` and mergekit)",
+             "best/model/": "the merged winner", "trials.csv": "every trial, one row each",
+             "summary.json": "the scores and the winner rule's comparison", "report.md": "this report"}
 
 
 def run_files(run_dir: Path) -> list[str]:
     """The run files of :data:`RUN_FILES` that ``run_dir`` holds, as its report and summary list them."""
-    return [name for name, _ in RUN_FILES if not name.startswith("best/") or (run_dir / name).exists()]
+    return [name for name in RUN_FILES if not name.startswith("best/") or (run_dir / name).exists()]
