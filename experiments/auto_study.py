@@ -9,7 +9,7 @@ search never scored. The table pairs each run's exported winner with the best of
     python experiments/auto_study.py --zoo smol --table                       # rebuild results/auto_math_smol_study.md
 
 Run directories: runs/auto-<zoo>/<row>/s<seed>, the row named by its sampler, trials, search items and
-layer groups (e.g. tpe-t60-l0.5-g6). A finished run's summary.json, trials.csv and the per-item test scores
+layer groups (e.g. tpe-t60-l0.5-g6), and by --fresh-items, --sources and --task-group where given. A finished run's summary.json, trials.csv and the per-item test scores
 of its re-scored candidates (test_items.json, read from its study) are kept in results/auto_math_<zoo>_runs/,
 and the table reads only those: seeds run in several sessions (each on a fresh checkout, without runs/) add
 up to one table.
@@ -35,15 +35,18 @@ DEFAULTS = {"tiny": {"trials": 80, "limit": 0.5, "group": "global", "select": 10
 
 
 def row_name(sampler: str, trials: int, limit: float, group: int | str, fresh: int | None = None,
-             task_group: str | None = None) -> str:
-    return f"{sampler}-t{trials}-l{limit:g}-g{group}" + (f"-f{fresh}" if fresh else "") + (
-        f"-{task_group}" if task_group else "")
+             sources: list[str] | None = None, task_group: str | None = None) -> str:
+    """A row's directory and study name: every setting that changes what its seeds measure, so that a run with
+    other settings gets a row of its own instead of resuming (and mixing with) another row's study, e.g.
+    tpe-t60-l0.5-g6-add.sub.mul.rev-all_ll for the smol zoo's four specialists scored on all four skills."""
+    return (f"{sampler}-t{trials}-l{limit:g}-g{group}" + (f"-f{fresh}" if fresh else "")
+            + (f"-{'.'.join(sources)}" if sources else "") + (f"-{task_group}" if task_group else ""))
 
 
 def run_row(runs: Path, keep: Path, zoo: str, sampler: str, trials: int, limit: float, group: int | str,
             select: int, seeds: list[int], eval_dtype: str, fresh: int | None = None,
             sources: list[str] | None = None, task_group: str | None = None) -> None:
-    row = row_name(sampler, trials, limit, group, fresh, task_group)
+    row = row_name(sampler, trials, limit, group, fresh, sources, task_group)
     for seed in seeds:  # seed by seed, each kept when it ends: a session that stops early leaves whole seeds
         evomerge(["+search=auto_math", f"sampler={sampler}", f"search.n_trials={trials}", f"search.limit={limit}",
                   f"search.layers_per_group={group}", f"tasks.select={select}", "final.export_model=false",
@@ -207,7 +210,7 @@ def main() -> None:
                     help="search.fresh_items: a new sample of the search items, drawn by the seed, every N trials "
                          "(N >= --trials: one sample per seed)")
     ap.add_argument("--sources", nargs="+", default=None,
-                    help="the specialists to merge (default: the models group's math set), e.g. add sub mul rev")
+                    help="the specialists to merge (default: the models group's math set), e.g. add sub mul rev; a row of its own")
     ap.add_argument("--task-group", default=None,
                     help="the zoo's task group that scores them (default: math_ll; all_ll: every skill; a row of its own)")
     ap.add_argument("--group", default=None, help="layers per gene group: an integer or global")
